@@ -1,0 +1,38 @@
+"""camanim: class activation maps at every layer of a PyTorch image classifier.
+
+The public API is imported lazily so that ``import camanim`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "explain": "camanim.explain",
+    "Explanation": "camanim.explain",
+    "load_model": "camanim.models",
+    "load_image": "camanim.images",
+    "list_layers": "camanim.layers",
+    "list_methods": "camanim.methods",
+    "get_method": "camanim.methods",
+    "capture": "camanim.capture",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from camanim.capture import capture
+    from camanim.explain import Explanation, explain
+    from camanim.images import load_image
+    from camanim.layers import list_layers
+    from camanim.methods import get_method, list_methods
+    from camanim.models import load_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'camanim' has no attribute {name!r}")
