@@ -11,21 +11,28 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "explain": "camanim.explain",
-    "Explanation": "camanim.explain",
+    "explain": "camanim.explanation",
+    "Explanation": "camanim.explanation",
     "load_model": "camanim.models",
     "load_image": "camanim.images",
     "list_layers": "camanim.layers",
     "list_methods": "camanim.methods",
     "get_method": "camanim.methods",
-    "capture": "camanim.capture",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "Explanation",
+    "explain",
+    "get_method",
+    "list_layers",
+    "list_methods",
+    "load_image",
+    "load_model",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from camanim.capture import capture
-    from camanim.explain import Explanation, explain
+    from camanim.explanation import Explanation, explain
     from camanim.images import load_image
     from camanim.layers import list_layers
     from camanim.methods import get_method, list_methods

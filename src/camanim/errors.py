@@ -75,6 +75,10 @@ class LayerSelectionError(CamanimError, IndexError):
     """A layer index outside the valid range, or a malformed selection."""
 
 
+class TargetError(CamanimError, IndexError):
+    """A class index outside the model's classes, or targets that do not fit the batch."""
+
+
 class ImageError(CamanimError, ValueError):
     """An image that cannot be read or is refused (not an image, truncated, too large)."""
 

@@ -1,0 +1,447 @@
+"""The pipeline: model + image + layers -> one capture -> every method's raw map at every chosen layer.
+
+Example:
+    >>> import camanim
+    >>> ex = camanim.explain(image="chelsea", methods="gradcam,hirescam", layers="last")  # doctest: +SKIP
+    >>> ex.target_names  # doctest: +SKIP
+    ('Egyptian cat',)
+    >>> ex.raw("gradcam", ex.chosen[-1].name).shape  # doctest: +SKIP
+    torch.Size([1, 7, 7])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from camanim.bundle import Bundle, open_bundle
+from camanim.capture import capture, frozen_eval
+from camanim.errors import TargetError
+from camanim.layers import Layer, LayerSpec, list_layers, select_layers
+from camanim.methods import get_method, method_class, parse_methods
+from camanim.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from camanim.targets import TARGET_KINDS, resolve_class
+
+logger = logging.getLogger(__name__)
+
+FLAT_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Raw maps of every chosen method at every chosen layer, from one capture.
+
+    Attributes:
+        model_name: the model's name; ``weights`` where its weights came from.
+        preprocessing: how the image became ``input`` (a :class:`~camanim.models.Preprocessing`).
+        input: the exact tensor given to the model, ``(B, 3, H, W)`` float32 on the CPU.
+        display: the resized picture the model saw, ``(B, H, W, 3)`` uint8, for overlays.
+        probabilities: softmax of the model output, ``(B, K)``.
+        targets: the explained class per sample; ``target_names`` their names.
+        class_names: names of all ``K`` classes.
+        layers: every layer of the forward pass, in execution order.
+        chosen: the layers explained, in execution order.
+        methods: method names, in the order asked.
+        maps: ``maps[method][layer name]`` is the raw map ``(B, h, w)`` float32 on the CPU, at feature-map
+            resolution, before ReLU and before any normalisation.
+        flags: ``flags[method][layer name]`` lists conditions of that map: ``"flat"`` (constant, including
+            all zero), ``"zero"`` (all zero), ``"no_gradient"`` (no path from the layer to the target),
+            ``"nonfinite"`` (NaN/inf replaced by 0).
+        image_info: where the image came from (source, original size and mode, conversions).
+        timings: seconds per stage.
+    """
+
+    model_name: str
+    weights: str
+    preprocessing: Any
+    input: Tensor
+    display: np.ndarray
+    probabilities: Tensor
+    targets: tuple[int, ...]
+    target_names: tuple[str, ...]
+    class_names: tuple[str, ...] = field(repr=False)
+    layers: tuple[Layer, ...] = field(repr=False)
+    chosen: tuple[Layer, ...] = field(repr=False)
+    methods: tuple[str, ...] = ()
+    maps: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    flags: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict, repr=False)
+    image_info: dict = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def layer(self, name: str) -> Layer:
+        """The chosen layer called ``name``."""
+        for layer in self.chosen:
+            if layer.name == name:
+                return layer
+        from camanim.errors import LayerNotFoundError
+
+        raise LayerNotFoundError(
+            name, [layer.name for layer in self.chosen], "not among the explained layers"
+        )
+
+    def raw(self, method: str, layer: str) -> Tensor:
+        """The raw map ``(B, h, w)`` of ``method`` at ``layer``."""
+        return self.maps[method][layer]
+
+    def upsampled(
+        self, method: str, layer: str, *, relu: bool = True, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """The map after the method's ReLU, bilinearly upsampled to the input size: ``(B, H, W)``, unnormalised."""
+        m = self.maps[method][layer]
+        if relu and get_method(method).relu:
+            m = m.clamp_min(0)
+        size = size or tuple(self.input.shape[-2:])
+        return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def save(self, out: str | os.PathLike, *, force: bool = False, overlays: bool = True) -> Path:
+        """Write this explanation as a bundle (manifest, ``input.npy``, ``maps.npz``, overlay PNGs)."""
+        return save_explanation(self, out, force=force, overlays=overlays)
+
+    def top(self, k: int = 5, sample: int = 0) -> list[tuple[int, str, float]]:
+        """The ``k`` most probable classes of ``sample`` as ``(index, name, probability)``."""
+        p, i = self.probabilities[sample].topk(min(k, self.probabilities.shape[1]))
+        return [(int(c), self.class_names[int(c)], float(v)) for v, c in zip(p, i, strict=True)]
+
+
+def map_flags(m: Tensor) -> list[str]:
+    """Conditions of a raw map ``(B, h, w)`` worth telling a user (see :class:`Explanation`)."""
+    flags = []
+    lo, hi = float(m.min()), float(m.max())
+    scale = max(abs(lo), abs(hi))
+    if hi - lo <= FLAT_RTOL * scale or scale == 0:
+        flags.append("flat")
+    if scale == 0:
+        flags.append("zero")
+    return flags
+
+
+def _as_loaded(model: LoadedModel | nn.Module | str, device: str | torch.device | None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        lm = model
+    elif isinstance(model, nn.Module):
+        lm = wrap_model(model)
+    else:
+        lm = load_model(model, device=device or "cpu")
+    if device is not None and lm.device != torch.device(device):
+        lm.model.to(device)
+    return lm
+
+
+def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict]:
+    """Turn an image source into ``(input (B, 3, H, W), display (B, H, W, 3) uint8, image info)``.
+
+    ``image`` is a tensor already preprocessed (``(3, H, W)`` or ``(B, 3, H, W)``), or anything
+    :func:`camanim.images.load_image` accepts (path, URL, sample name, PIL image, array), or a list of those.
+    """
+    prep = lm.preprocessing
+    if isinstance(image, Tensor):
+        x = image[None] if image.dim() == 3 else image
+        if x.dim() != 4 or x.shape[1] != 3:
+            from camanim.errors import ImageError
+
+            raise ImageError(f"an input tensor must be (3, H, W) or (B, 3, H, W), got {list(image.shape)}")
+        x = x.detach().float().cpu()
+        pixels = prep.denormalize(x).clamp(0, 1)
+        display = (pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        return x, display, {"source": "tensor", "shape": list(x.shape)}
+    from camanim.images import LoadedImage, load_image
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    tensors, displays, infos = [], [], []
+    for item in items:
+        loaded = item if isinstance(item, LoadedImage) else load_image(item)
+        pil: Image.Image = loaded.image
+        tensors.append(prep(pil))
+        displays.append(np.asarray(prep.resize_image(pil.convert("RGB")), dtype=np.uint8))
+        infos.append(
+            {
+                "source": str(loaded.source),
+                "original_size": list(loaded.original_size),
+                "original_mode": loaded.original_mode,
+                "notes": list(loaded.notes),
+            }
+        )
+    info = infos[0] if len(infos) == 1 else {"images": infos}
+    return torch.stack(tensors), np.stack(displays), info
+
+
+def _resolve_targets(target: Any, probs: Tensor, class_names: Sequence[str], top_k: int | None) -> list[int]:
+    b = probs.shape[0]
+    if top_k is not None:
+        if b != 1:
+            raise TargetError(f"--top-k explains several classes of one image; got a batch of {b}")
+        if not 1 <= top_k <= probs.shape[1]:
+            raise TargetError(f"top-k must be between 1 and {probs.shape[1]}, got {top_k}")
+        return [int(i) for i in probs[0].topk(top_k).indices]
+    if target is None:
+        return [int(i) for i in probs.argmax(dim=1)]
+    if isinstance(target, (list, tuple)):
+        if len(target) != b:
+            raise TargetError(f"{len(target)} targets given for a batch of {b} images")
+        return [resolve_class(t, class_names) for t in target]
+    if isinstance(target, str) and "," in target:
+        return _resolve_targets(target.split(","), probs, class_names, None)
+    return [resolve_class(target, class_names)] * b
+
+
+def explain(
+    model: LoadedModel | nn.Module | str = DEFAULT_MODEL,
+    image: Any = "chelsea",
+    *,
+    methods: str | Sequence[str] = "gradcam",
+    layers: LayerSpec = "all",
+    target: int | str | Sequence[int | str] | None = None,
+    top_k: int | None = None,
+    score: str = "logit",
+    keep_nonspatial: bool = False,
+    keep_duplicates: bool = False,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> Explanation:
+    """Compute every method's raw map at every chosen layer from one forward and one backward pass.
+
+    Args:
+        model: a :class:`~camanim.models.LoadedModel`, a plain ``nn.Module`` (ImageNet preprocessing
+            assumed unless the input is a tensor) or a model name for :func:`~camanim.models.load_model`.
+        image: a preprocessed tensor ``(B, 3, H, W)``, or an image source (path, URL, sample name, PIL
+            image, array) or a list of sources forming a batch.
+        methods: names (``"gradcam,hirescam"``), ``"all"`` or a list; see :func:`camanim.list_methods`.
+        layers: a selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
+        target: the class to explain: an index, a name, or one per sample; default the top-1 class.
+        top_k: explain each of the top ``k`` classes of a single image (the batch axis then holds classes).
+        score: what is differentiated: ``"logit"`` (default), ``"probability"`` or ``"sigmoid"``.
+        keep_nonspatial: include 1x1 layers in an ``"all"`` sweep.
+        keep_duplicates: include layers whose output repeats an earlier layer's tensor.
+        device: move the model there first (``"cpu"``, ``"cuda"``).
+        seed: seed of seeded methods (RandomCAM).
+
+    Returns:
+        An :class:`Explanation` with raw maps on the CPU.
+    """
+    t0 = time.perf_counter()
+    lm = _as_loaded(model, device)
+    net = lm.model
+    dev = lm.device
+    names = parse_methods(methods)
+    instances = {n: get_method(n, seed=seed) for n in names}
+    if score not in TARGET_KINDS:
+        from camanim.errors import UnknownNameError
+
+        raise UnknownNameError("score", score, TARGET_KINDS)
+    x, display, image_info = prepare_input(image, lm)
+    x = x.to(dev)
+    timings = {"load": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    if layers in (None, "all") and not callable(layers):
+        allowed = None
+    else:
+        table = list_layers(net, x[:1])
+        allowed = {
+            layer.name
+            for layer in select_layers(
+                table, layers, keep_nonspatial=keep_nonspatial, keep_duplicates=keep_duplicates
+            )
+        }
+
+    def want(layer: Layer) -> bool:
+        if allowed is not None:
+            return layer.name in allowed
+        return (keep_duplicates or layer.same_as is None) and (
+            keep_nonspatial or layer.map_size is None or layer.map_size[0] * layer.map_size[1] > 1
+        )
+
+    if top_k is not None:
+        # Ranking classes needs the prediction before the capture: one extra no-grad forward of one image.
+        classes = _resolve_targets(None, _eval_forward(net, x), lm.class_names, top_k)
+        x = x.expand(len(classes), *x.shape[1:]).contiguous()
+        display = np.repeat(display, len(classes), axis=0)
+    elif target is not None:
+        dummy = torch.zeros(x.shape[0], max(len(lm.class_names), 1))
+        classes = _resolve_targets(target, dummy, lm.class_names, None)
+    else:
+        classes = None  # the top-1 class, read from the capture's own forward
+    timings["layers"] = time.perf_counter() - t
+
+    maps: dict[str, dict[str, Tensor]] = {n: {} for n in names}
+    flags: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in names}
+    need_grads = any(m.needs_gradients for m in instances.values())
+
+    def consumer(layer: Layer, value: Tensor, grad: Tensor | None) -> None:
+        for n, method in instances.items():
+            if method.needs_gradients and grad is None:
+                maps[n][layer.name] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
+                flags[n][layer.name] = ("no_gradient", "flat", "zero")
+                continue
+            m = method(value, grad, layer.name).detach()
+            extra = ()
+            if not torch.isfinite(m).all():
+                m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+                extra = ("nonfinite",)
+            maps[n][layer.name] = m
+            flags[n][layer.name] = extra
+
+    lazy_target = _LazyTarget(classes, score)
+    t = time.perf_counter()
+    result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for n in names:
+        for name, m in maps[n].items():
+            m = m.float().cpu()
+            maps[n][name] = m
+            if "no_gradient" not in flags[n][name]:
+                flags[n][name] = tuple(map_flags(m)) + flags[n][name]
+    # Keep forward order in the dicts (the backward delivered them in reverse).
+    order = [layer.name for layer in result.chosen]
+    maps = {n: {k: maps[n][k] for k in order} for n in names}
+    flags = {n: {k: flags[n][k] for k in order} for n in names}
+    timings["methods_to_cpu"] = time.perf_counter() - t
+    probs = result.output.float().softmax(dim=1).cpu()
+    targets = tuple(lazy_target.classes)
+    timings["total"] = time.perf_counter() - t0
+    return Explanation(
+        model_name=lm.name,
+        weights=lm.weights,
+        preprocessing=lm.preprocessing,
+        input=x.detach().float().cpu(),
+        display=display,
+        probabilities=probs,
+        targets=targets,
+        target_names=tuple(lm.class_names[c] if c < len(lm.class_names) else str(c) for c in targets),
+        class_names=lm.class_names,
+        layers=tuple(result.layers),
+        chosen=tuple(result.chosen),
+        methods=tuple(names),
+        maps=maps,
+        flags=flags,
+        image_info=image_info,
+        timings=timings,
+    )
+
+
+def _eval_forward(net: nn.Module, x: Tensor) -> Tensor:
+    with frozen_eval(net), torch.no_grad():
+        return net(x).softmax(dim=1)
+
+
+class _LazyTarget:
+    """The target class per sample, decided from the capture's own output when not given (top-1)."""
+
+    def __init__(self, classes: list[int] | None, score: str) -> None:
+        self.classes = classes
+        self.score = score
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if self.classes is None:
+            self.classes = [int(i) for i in output.detach().argmax(dim=1)]
+        return TARGET_KINDS[self.score](tuple(self.classes))(output)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def overlay_path(method: str, layer: Layer, sample: int | None = None) -> str:
+    """The bundle-relative path of one overlay PNG."""
+    suffix = "" if sample is None else f"_s{sample}"
+    return f"overlays/{_safe(method)}/{layer.index:03d}_{_safe(layer.name)}{suffix}.png"
+
+
+def method_info(name: str) -> dict:
+    """A method's registry entry as recorded in manifests."""
+    cls = method_class(name)
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "paper": cls.paper,
+        "needs_gradients": cls.needs_gradients,
+        "class_discriminative": cls.class_discriminative,
+        "cost": cls.cost,
+    }
+
+
+def describe(ex: Explanation, score: str = "logit") -> dict:
+    """The manifest sections describing an explanation: model, image, targets, layers, methods, flags."""
+    return {
+        "model": {"name": ex.model_name, "weights": ex.weights, "preprocessing": ex.preprocessing.to_dict()},
+        "image": ex.image_info,
+        "input": {"file": "input.npy", "shape": list(ex.input.shape), "dtype": "float32"},
+        "targets": [
+            {
+                "sample": b,
+                "class": c,
+                "name": ex.target_names[b],
+                "probability": float(ex.probabilities[b, c]),
+                "score": score,
+            }
+            for b, c in enumerate(ex.targets)
+        ],
+        "top5": [
+            [{"class": i, "name": n, "probability": p} for i, n, p in ex.top(5, b)]
+            for b in range(ex.input.shape[0])
+        ],
+        "layers": [layer.to_dict() for layer in ex.layers],
+        "chosen_layers": [layer.name for layer in ex.chosen],
+        "methods": [method_info(n) for n in ex.methods],
+        "maps": {"file": "maps.npz", "key": "<method>/<layer name>", "shape": "(B, h, w) raw, before ReLU"},
+        "flags": {m: {k: list(v) for k, v in f.items() if v} for m, f in ex.flags.items()},
+        "timings": dict(ex.timings),
+    }
+
+
+def write_explanation(ex: Explanation, bundle: Bundle, *, overlays: bool = True, cmap: str = "jet") -> None:
+    """Write ``input.npy``, ``maps.npz`` and overlay PNGs into ``bundle`` and describe them in its manifest.
+
+    Overlays show each map after the method's ReLU, upsampled and scaled by its own min and max (local
+    normalisation), over the picture the model saw.
+    """
+    from camanim.normalize import normalize
+    from camanim.render import colormap_lut, overlay_batch, save_png
+
+    bundle.save_npy("input.npy", ex.input.numpy(), "input tensor (B, 3, H, W) float32")
+    bundle.save_npz(
+        "maps.npz",
+        {f"{m}/{layer}": t.numpy() for m, per in ex.maps.items() for layer, t in per.items()},
+        "raw maps",
+    )
+    bundle.manifest.update(describe(ex))
+    written = []
+    if overlays:
+        lut = colormap_lut(cmap)
+        for m in ex.methods:
+            for layer in ex.chosen:
+                up = ex.upsampled(m, layer.name)
+                for b in range(up.shape[0]):
+                    norm = normalize(up[b].numpy())
+                    rgb = overlay_batch(ex.display[b], norm[None], lut)[0]
+                    rel = overlay_path(m, layer, b if up.shape[0] > 1 else None)
+                    save_png(bundle.file(rel, "overlay"), rgb, compress_level=3)
+                    written.append(rel)
+    bundle.manifest["overlays"] = {
+        "colormap": cmap,
+        "normalisation": "local (per map min/max after ReLU)",
+        "count": len(written),
+    }
+
+
+def save_explanation(
+    ex: Explanation, out: str | os.PathLike, *, force: bool = False, overlays: bool = True, command: str = ""
+) -> Path:
+    """Write ``ex`` as a bundle at ``out`` (see :mod:`camanim.bundle`); returns the bundle's path."""
+    with open_bundle(out, force=force, command=command) as bundle:
+        write_explanation(ex, bundle, overlays=overlays)
+    return bundle.root

@@ -1,0 +1,109 @@
+"""Gradient-weighted methods: each defines only its rule on ``A`` (values) and ``G`` (gradients), ``(B, C, h, w)``.
+
+Formulas follow the papers; where a paper leaves a detail open (epsilons, where a ReLU sits) they follow the
+``grad-cam`` package (pytorch-grad-cam 1.5), against which the test suite checks parity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from camanim.methods.base import CAMMethod, register_method
+
+
+@register_method("gradcam")
+class GradCAM(CAMMethod):
+    """Grad-CAM (Selvaraju et al., ICCV 2017): ``w_c = mean_{ij} G_cij``, map ``= sum_c w_c A_c``.
+
+    Example:
+        >>> import torch
+        >>> a = torch.rand(1, 4, 7, 7); g = torch.randn(1, 4, 7, 7)
+        >>> GradCAM()(a, g).shape
+        torch.Size([1, 7, 7])
+    """
+
+    paper = "Selvaraju et al., Grad-CAM, ICCV 2017"
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        return grads.mean(dim=(2, 3))
+
+
+@register_method("hirescam")
+class HiResCAM(CAMMethod):
+    """HiResCAM (Draelos & Carin, 2020): map ``= sum_c G_c * A_c`` (element-wise, no spatial averaging)."""
+
+    paper = "Draelos and Carin, HiResCAM, arXiv:2011.08891"
+
+    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        return (grads * acts).sum(dim=1)
+
+
+@register_method("gradcamelementwise", "gradcamew")
+class GradCAMElementWise(CAMMethod):
+    """Element-wise Grad-CAM (grad-cam package): map ``= sum_c ReLU(G_c * A_c)``."""
+
+    paper = "pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.)"
+
+    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        return (grads * acts).clamp_min(0).sum(dim=1)
+
+
+@register_method("gradcam++", "gradcamplusplus", "gradcampp")
+class GradCAMPlusPlus(CAMMethod):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), Eq. 19 with the exponential-output simplification.
+
+    ``alpha = G^2 / (2 G^2 + sum_{ij} A * G^3 + 1e-6)`` (zero where ``G == 0``),
+    ``w_c = sum_{ij} alpha * ReLU(G)``, map ``= sum_c w_c A_c``.
+    """
+
+    paper = "Chattopadhay et al., Grad-CAM++, WACV 2018"
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        g2 = grads.square()
+        sum_a = acts.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_a * g2 * grads + 1e-6)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        return (alpha * grads.clamp_min(0)).sum(dim=(2, 3))
+
+
+@register_method("xgradcam")
+class XGradCAM(CAMMethod):
+    """XGrad-CAM (Fu et al., BMVC 2020): ``w_c = sum_{ij} G_cij A_cij / (sum_{ij} A_cij + 1e-7)``."""
+
+    paper = "Fu et al., Axiom-based Grad-CAM, BMVC 2020"
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        sum_a = acts.sum(dim=(2, 3), keepdim=True)
+        return (grads * acts / (sum_a + 1e-7)).sum(dim=(2, 3))
+
+
+@register_method("layercam")
+class LayerCAM(CAMMethod):
+    """LayerCAM (Jiang et al., TIP 2021): map ``= sum_c ReLU(G_c) * A_c``."""
+
+    paper = "Jiang et al., LayerCAM, IEEE TIP 2021"
+
+    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        return (grads.clamp_min(0) * acts).sum(dim=1)
+
+
+@register_method("randomcam")
+class RandomCAM(CAMMethod):
+    """A baseline: channel weights drawn uniformly from ``[-1, 1]`` (as grad-cam's RandomCAM), seeded.
+
+    The draw depends only on ``seed`` and the layer key, so a layer gets the same weights whatever other
+    layers are computed and in whatever order.
+    """
+
+    paper = "baseline (pytorch-grad-cam's RandomCAM)"
+    needs_gradients = False
+    class_discriminative = False
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+        digest = hashlib.sha256(f"{self.seed}/{layer_key}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        w = torch.rand(acts.shape[:2], generator=gen, dtype=torch.float64) * 2 - 1
+        return w.to(device=acts.device, dtype=acts.dtype)
