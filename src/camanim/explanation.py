@@ -148,12 +148,17 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     prep = lm.preprocessing
     if isinstance(image, Tensor):
         x = image[None] if image.dim() == 3 else image
-        if x.dim() != 4 or x.shape[1] != 3:
+        if x.dim() != 4:
             from camanim.errors import ImageError
 
-            raise ImageError(f"an input tensor must be (3, H, W) or (B, 3, H, W), got {list(image.shape)}")
+            raise ImageError(f"an input tensor must be (C, H, W) or (B, C, H, W), got {list(image.shape)}")
         x = x.detach().float().cpu()
-        pixels = prep.denormalize(x).clamp(0, 1)
+        if x.shape[1] == 3:
+            pixels = prep.denormalize(x).clamp(0, 1)
+        else:  # not an RGB model input: show the channel mean, min-max scaled
+            grey = x.mean(dim=1, keepdim=True)
+            lo = grey.amin(dim=(2, 3), keepdim=True)
+            pixels = ((grey - lo) / (grey.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)).expand(-1, 3, -1, -1)
         display = (pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         return x, display, {"source": "tensor", "shape": list(x.shape)}
     from camanim.images import LoadedImage, load_image

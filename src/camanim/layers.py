@@ -312,6 +312,8 @@ def select_layers(
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 1:
             raise LayerSelectionError(f"the number of last layers must be at least 1, got {spec}")
+        if spec > len(pool):
+            raise LayerSelectionError(f"asked for the last {spec} layers but the model has {len(pool)} spatial layers")
         return pool[-spec:]
     chosen: dict[int, Layer] = {}
     by_name = {layer.name: layer for layer in layers}

@@ -95,7 +95,8 @@ class RandomCAM(CAMMethod):
     """A baseline: channel weights drawn uniformly from ``[-1, 1]`` (as grad-cam's RandomCAM), seeded.
 
     The draw depends only on ``seed`` and the layer key, so a layer gets the same weights whatever other
-    layers are computed and in whatever order.
+    layers are computed, in whatever order, and for every sample of a batch (grad-cam draws one row per
+    sample, which would make a batch differ from its images explained one by one).
     """
 
     paper = "baseline (pytorch-grad-cam's RandomCAM)"
@@ -105,5 +106,5 @@ class RandomCAM(CAMMethod):
     def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
         digest = hashlib.sha256(f"{self.seed}/{layer_key}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        w = torch.rand(acts.shape[:2], generator=gen, dtype=torch.float64) * 2 - 1
-        return w.to(device=acts.device, dtype=acts.dtype)
+        w = torch.rand(acts.shape[1], generator=gen, dtype=torch.float64) * 2 - 1
+        return w.to(device=acts.device, dtype=acts.dtype).expand(acts.shape[0], -1)
