@@ -31,6 +31,7 @@ from camanim.capture import capture, frozen_eval
 from camanim.errors import TargetError
 from camanim.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.methods import get_method, method_class, parse_methods
+from camanim.methods.base import LayerTensors, compute_maps
 from camanim.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from camanim.targets import TARGET_KINDS, resolve_class
 
@@ -214,8 +215,13 @@ def explain(
     keep_duplicates: bool = False,
     device: str | torch.device | None = None,
     seed: int = 0,
+    batch_size: int = 32,
+    max_channels: int | None = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
+
+    Per-channel methods (Score-CAM, Ablation-CAM; never part of ``"all"``) run after that capture, from the
+    activations it recorded, with extra batched forwards (see :mod:`camanim.methods.perturbation`).
 
     Args:
         model: a :class:`~camanim.models.LoadedModel`, a plain ``nn.Module`` (ImageNet preprocessing
@@ -231,6 +237,8 @@ def explain(
         keep_duplicates: include layers whose output repeats an earlier layer's tensor.
         device: move the model there first (``"cpu"``, ``"cuda"``).
         seed: seed of seeded methods (RandomCAM).
+        batch_size: inputs per extra forward of a per-channel method.
+        max_channels: per-channel methods score at most this many channels per layer (an approximation).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
@@ -240,7 +248,8 @@ def explain(
     net = lm.model
     dev = lm.device
     names = parse_methods(methods)
-    instances = {n: get_method(n, seed=seed) for n in names}
+    per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
+    instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel}
     if score not in TARGET_KINDS:
         from camanim.errors import UnknownNameError
 
@@ -284,24 +293,42 @@ def explain(
     flags: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in names}
     need_grads = any(m.needs_gradients for m in instances.values())
 
+    kept: dict[str, Tensor] = {}  # per-chosen-layer values, only for per-channel methods
+
     def consumer(layer: Layer, value: Tensor, grad: Tensor | None) -> None:
-        for n, method in instances.items():
-            if method.needs_gradients and grad is None:
+        if per_channel:
+            kept[layer.name] = value
+        computed = compute_maps(instances, LayerTensors(value, grad, layer.name))
+        for n in instances:
+            m = computed.get(n)
+            if m is None:  # a gradient method at a layer the gradient never reached
                 maps[n][layer.name] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
                 flags[n][layer.name] = ("no_gradient", "flat", "zero")
                 continue
-            m = method(value, grad, layer.name).detach()
             extra = ()
             if not torch.isfinite(m).all():
                 m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
                 extra = ("nonfinite",)
-            maps[n][layer.name] = m
+            maps[n][layer.name] = m.detach()
             flags[n][layer.name] = extra
 
     lazy_target = _LazyTarget(classes, score)
     t = time.perf_counter()
     result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
+    if per_channel:
+        from camanim.methods.perturbation import run_per_channel
+
+        t = time.perf_counter()
+        target_obj = TARGET_KINDS[score](tuple(lazy_target.classes))
+        done = run_per_channel(
+            per_channel, net, x, result.chosen, kept, target_obj, batch_size=batch_size, max_channels=max_channels
+        )
+        kept.clear()
+        for n, per_layer in done.items():
+            maps[n].update(per_layer)
+            flags[n].update({k: () for k in per_layer})
+        timings["per_channel"] = time.perf_counter() - t
 
     t = time.perf_counter()
     for n in names:

@@ -6,11 +6,14 @@ A method turns one layer's value ``A`` and gradient ``G`` (both ``(B, C, h, w)``
 
 Methods override one of two levels, as pytorch-grad-cam does: :meth:`CAMMethod.channel_weights` returns
 ``(B, C)`` weights and the base forms ``sum_c w_c A_c``; or :meth:`CAMMethod.raw_map` returns the whole map.
+Both receive a :class:`LayerTensors`, which holds ``A``, ``G`` and intermediates shared between methods.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -20,6 +23,32 @@ from camanim.errors import MethodNotFoundError
 
 _REGISTRY: dict[str, type[CAMMethod]] = {}
 _ALIASES: dict[str, str] = {}
+
+
+class LayerTensors:
+    """One layer's value ``A`` and gradient ``G`` (``(B, C, h, w)``), with derived tensors computed once.
+
+    Several methods need the same intermediate (``G * A``, per-channel sums); computing it once per layer
+    for all of them keeps an all-method sweep close to the cost of the capture itself.
+
+    Attributes:
+        acts: ``A``, ``(B, C, h, w)``.
+        grads: ``G``, ``(B, C, h, w)``, or ``None`` when no gradient reached the layer.
+        key: the layer's name (seeded methods derive their draw from it).
+    """
+
+    def __init__(self, acts: Tensor, grads: Tensor | None, key: str = "") -> None:
+        self.acts, self.grads, self.key = acts, grads, key
+
+    @cached_property
+    def grads_times_acts(self) -> Tensor:
+        """``G * A``, ``(B, C, h, w)``."""
+        return self.grads * self.acts
+
+    @cached_property
+    def act_sums(self) -> Tensor:
+        """``sum_ij A``, ``(B, C, 1, 1)``."""
+        return self.acts.sum(dim=(2, 3), keepdim=True)
 
 
 class CAMMethod:
@@ -44,22 +73,46 @@ class CAMMethod:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        """Channel weights ``(B, C)`` from ``acts`` and ``grads`` ``(B, C, h, w)``."""
+    @property
+    def uses_channel_weights(self) -> bool:
+        """Whether the method defines its map through :meth:`channel_weights` (so maps can be batched)."""
+        return type(self).raw_map is CAMMethod.raw_map
+
+    def channel_weights(self, t: LayerTensors) -> Tensor:
+        """Channel weights ``(B, C)`` of one layer."""
         raise NotImplementedError
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+    def raw_map(self, t: LayerTensors) -> Tensor:
         """The raw map ``(B, h, w)``: by default ``sum_c w_c A_c`` with :meth:`channel_weights`."""
-        weights = self.channel_weights(acts, grads, layer_key)
-        return torch.einsum("bc,bchw->bhw", weights.to(acts.dtype), acts)
+        return torch.einsum("bc,bchw->bhw", self.channel_weights(t).to(t.acts.dtype), t.acts)
 
-    def __call__(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
+    def __call__(self, acts: Tensor, grads: Tensor | None = None, layer_key: str = "") -> Tensor:
+        """The raw map ``(B, h, w)`` from ``acts`` and ``grads`` ``(B, C, h, w)``."""
         if self.needs_gradients and grads is None:
             raise ValueError(f"{self.name} needs gradients")
-        return self.raw_map(acts, grads, layer_key)
+        return self.raw_map(LayerTensors(acts, grads, layer_key))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def compute_maps(methods: Mapping[str, CAMMethod], t: LayerTensors) -> dict[str, Tensor]:
+    """Every method's raw map ``(B, h, w)`` at one layer.
+
+    Shared intermediates are computed once (:class:`LayerTensors`), and the maps of all channel-weight
+    methods come from one batched product with ``A`` rather than one pass over ``A`` each.
+    """
+    out: dict[str, Tensor] = {}
+    weighted = [n for n, m in methods.items() if m.uses_channel_weights and not (m.needs_gradients and t.grads is None)]
+    if weighted:
+        w = torch.stack([methods[n].channel_weights(t).to(t.acts.dtype) for n in weighted], dim=1)  # (B, M, C)
+        b, c, h, wd = t.acts.shape
+        maps = torch.bmm(w, t.acts.reshape(b, c, h * wd)).reshape(b, len(weighted), h, wd)
+        out.update({n: maps[:, i] for i, n in enumerate(weighted)})
+    for n, m in methods.items():
+        if n not in out and not (m.needs_gradients and t.grads is None):
+            out[n] = m.raw_map(t)
+    return {n: out[n] for n in methods if n in out}
 
 
 def register_method(name: str, *aliases: str):
@@ -77,7 +130,7 @@ def register_method(name: str, *aliases: str):
     return wrap
 
 
-_FAMILIES = ("gradient", "eigen")
+_FAMILIES = ("gradient", "eigen", "perturbation")
 
 
 def _load_families() -> None:

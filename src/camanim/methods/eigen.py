@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camanim.methods.base import CAMMethod, register_method
+from camanim.methods.base import CAMMethod, LayerTensors, register_method
 
 
 def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,20 +39,24 @@ def first_component_projection(values: Tensor) -> Tensor:
     NaNs are treated as zeros (as grad-cam does). The sign follows the convention in the module docstring.
     """
     b, c, h, w = values.shape
-    x = torch.nan_to_num(values).reshape(b, c, h * w).transpose(1, 2)  # (B, hw, C)
-    centred = (x - x.mean(dim=1, keepdim=True)).double()
+    x = values.reshape(b, c, h * w)
+    if not torch.isfinite(x).all():
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    centred = x - x.mean(dim=2, keepdim=True)  # (B, C, hw): each channel centred over positions
     # The top eigenvector of the smaller Gram matrix gives the first singular pair: (hw x C) data needs a
     # C x C or hw x hw eigenproblem, never an SVD of the whole matrix.
     if c <= h * w:
-        _, vecs = _eigh(centred.transpose(1, 2) @ centred)  # (B, C, C), ascending
-        proj = (centred @ vecs[:, :, -1:])[..., 0]
+        _, vecs = _eigh((centred @ centred.transpose(1, 2)).double())  # (B, C, C), ascending
+        v = vecs[:, :, -1].to(values.dtype)  # (B, C)
+        proj = (v[:, None, :] @ centred)[:, 0]  # (B, hw)
+        # proj . mean_c(A) = v^T (Xc X^T) 1 / C = lambda_1 sum(v) / C, since Xc 1 = 0: only sum(v)'s sign matters.
+        agree = v.sum(dim=1)
     else:
-        vals, vecs = _eigh(centred @ centred.transpose(1, 2))  # (B, hw, hw)
-        proj = vecs[:, :, -1] * vals[:, -1:].clamp_min(0).sqrt()
-    proj = proj.to(values.dtype)  # (B, hw)
-    ref = x.mean(dim=2)
-    ref = ref - ref.mean(dim=1, keepdim=True)
-    sign = torch.where((proj * ref).sum(dim=1) < 0, -1.0, 1.0).to(proj.dtype)
+        vals, vecs = _eigh((centred.transpose(1, 2) @ centred).double())  # (B, hw, hw)
+        proj = (vecs[:, :, -1] * vals[:, -1:].clamp_min(0).sqrt()).to(values.dtype)
+        ref = x.mean(dim=1)
+        agree = (proj * (ref - ref.mean(dim=1, keepdim=True))).sum(dim=1)
+    sign = torch.where(agree < 0, -1.0, 1.0).to(proj.dtype)
     return (proj * sign[:, None]).reshape(b, h, w)
 
 
@@ -64,8 +68,8 @@ class EigenCAM(CAMMethod):
     needs_gradients = False
     class_discriminative = False
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return first_component_projection(acts)
+    def raw_map(self, t: LayerTensors) -> Tensor:
+        return first_component_projection(t.acts)
 
 
 @register_method("eigengradcam")
@@ -74,5 +78,5 @@ class EigenGradCAM(CAMMethod):
 
     paper = "pytorch-grad-cam's EigenGradCAM"
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return first_component_projection(grads * acts)
+    def raw_map(self, t: LayerTensors) -> Tensor:
+        return first_component_projection(t.grads_times_acts)

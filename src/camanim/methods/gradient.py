@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from camanim.methods.base import CAMMethod, register_method
+from camanim.methods.base import CAMMethod, LayerTensors, register_method
 
 
 @register_method("gradcam")
@@ -27,8 +27,8 @@ class GradCAM(CAMMethod):
 
     paper = "Selvaraju et al., Grad-CAM, ICCV 2017"
 
-    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return grads.mean(dim=(2, 3))
+    def channel_weights(self, t: LayerTensors) -> Tensor:
+        return t.grads.mean(dim=(2, 3))
 
 
 @register_method("hirescam")
@@ -37,8 +37,8 @@ class HiResCAM(CAMMethod):
 
     paper = "Draelos and Carin, HiResCAM, arXiv:2011.08891"
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return (grads * acts).sum(dim=1)
+    def raw_map(self, t: LayerTensors) -> Tensor:
+        return t.grads_times_acts.sum(dim=1)
 
 
 @register_method("gradcamelementwise", "gradcamew")
@@ -47,8 +47,8 @@ class GradCAMElementWise(CAMMethod):
 
     paper = "pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.)"
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return (grads * acts).clamp_min(0).sum(dim=1)
+    def raw_map(self, t: LayerTensors) -> Tensor:
+        return t.grads_times_acts.clamp_min(0).sum(dim=1)
 
 
 @register_method("gradcam++", "gradcamplusplus", "gradcampp")
@@ -61,12 +61,11 @@ class GradCAMPlusPlus(CAMMethod):
 
     paper = "Chattopadhay et al., Grad-CAM++, WACV 2018"
 
-    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        g2 = grads.square()
-        sum_a = acts.sum(dim=(2, 3), keepdim=True)
-        alpha = g2 / (2 * g2 + sum_a * g2 * grads + 1e-6)
-        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        return (alpha * grads.clamp_min(0)).sum(dim=(2, 3))
+    def channel_weights(self, t: LayerTensors) -> Tensor:
+        g = t.grads
+        g2 = g.square()
+        # alpha * ReLU(G) in one expression; it is 0 wherever G <= 0, which covers grad-cam's G == 0 mask.
+        return (g2 * g.clamp_min(0) / (g2 * (2 + t.act_sums * g) + 1e-6)).sum(dim=(2, 3))
 
 
 @register_method("xgradcam")
@@ -75,9 +74,9 @@ class XGradCAM(CAMMethod):
 
     paper = "Fu et al., Axiom-based Grad-CAM, BMVC 2020"
 
-    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        sum_a = acts.sum(dim=(2, 3), keepdim=True)
-        return (grads * acts / (sum_a + 1e-7)).sum(dim=(2, 3))
+    def channel_weights(self, t: LayerTensors) -> Tensor:
+        # The denominator is constant per channel, so it comes out of the spatial sum.
+        return t.grads_times_acts.sum(dim=(2, 3)) / (t.act_sums[:, :, 0, 0] + 1e-7)
 
 
 @register_method("layercam")
@@ -86,8 +85,8 @@ class LayerCAM(CAMMethod):
 
     paper = "Jiang et al., LayerCAM, IEEE TIP 2021"
 
-    def raw_map(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        return (grads.clamp_min(0) * acts).sum(dim=1)
+    def raw_map(self, t: LayerTensors) -> Tensor:
+        return (t.grads.clamp_min(0) * t.acts).sum(dim=1)
 
 
 @register_method("randomcam")
@@ -103,8 +102,9 @@ class RandomCAM(CAMMethod):
     needs_gradients = False
     class_discriminative = False
 
-    def channel_weights(self, acts: Tensor, grads: Tensor | None, layer_key: str = "") -> Tensor:
-        digest = hashlib.sha256(f"{self.seed}/{layer_key}".encode()).digest()
+    def channel_weights(self, t: LayerTensors) -> Tensor:
+        acts = t.acts
+        digest = hashlib.sha256(f"{self.seed}/{t.key}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         w = torch.rand(acts.shape[1], generator=gen, dtype=torch.float64) * 2 - 1
         return w.to(device=acts.device, dtype=acts.dtype).expand(acts.shape[0], -1)
