@@ -125,3 +125,14 @@ def test_display_and_input_agree(default_model):
     ex = camanim.explain(default_model, "coffee", layers="last")
     pixels = default_model.preprocessing.denormalize(ex.input)[0].permute(1, 2, 0).numpy()
     assert np.abs(pixels * 255 - ex.display[0]).max() <= 1.0
+
+
+def test_keep_nonspatial_gives_one_by_one_maps(tiny_model):
+    x = torch.randn(1, 3, 32, 32)
+    default = camanim.explain(tiny_model, x, methods="gradcam", target=0)
+    kept = camanim.explain(tiny_model, x, methods="gradcam", target=0, keep_nonspatial=True)
+    extra = [layer for layer in kept.chosen if not layer.is_spatial]
+    assert {layer.name for layer in extra} == {"pool", "fc"}
+    assert all(layer.name not in {c.name for c in default.chosen} for layer in extra)
+    assert kept.raw("gradcam", "pool").shape == (1, 1, 1)
+    assert "flat" in kept.flags["gradcam"]["fc"]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "animate": "camanim.animation",
+    "Animation": "camanim.animation",
     "explain": "camanim.explanation",
     "Explanation": "camanim.explanation",
     "load_model": "camanim.models",
@@ -22,6 +24,8 @@ _LAZY = {
 
 __all__ = [
     "__version__",
+    "Animation",
+    "animate",
     "Explanation",
     "explain",
     "get_method",
@@ -32,6 +36,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from camanim.animation import Animation, animate
     from camanim.explanation import Explanation, explain
     from camanim.images import load_image
     from camanim.layers import list_layers

@@ -119,7 +119,7 @@ def capture(
 
     def forward_hook(module: nn.Module, _inputs: tuple, output: object) -> None:
         layer = tracker.observe(module, output)
-        if not layer.is_spatial or not want(layer):
+        if layer.map_size is None or not want(layer):
             return
         chosen.append(layer)
         values[layer.name] = as_bchw(output.detach(), layer).clone()

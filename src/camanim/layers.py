@@ -13,8 +13,9 @@ Each layer has a *kind*, decided from its output:
 * ``token``: ``(B, N, C)`` whose last ``N - P`` tokens form a square grid after ``P`` prefix
   (class/distillation/register) tokens (ViT, DeiT), reshaped to ``(B, C, g, g)``;
 * ``nonspatial``: anything else (``(B, C)`` vectors, 1x1 maps, windowed tensors whose batch axis is not the
-  input's, tuples). These are listed but left out of sweeps: their maps only render as stripes (CAManim,
-  Fig 7).
+  input's, tuples). These are listed but left out of sweeps: their maps carry no spatial information and
+  only render as flat frames or stripes (CAManim, Fig 7). Vectors and 1x1 maps can still be kept on
+  request (``keep_nonspatial``): they are read as ``(B, C, 1, 1)`` and give a 1x1 map.
 
 A layer whose output is the very same tensor, unmodified, as an earlier layer's (a container returning its
 last child's output, an ``Identity``) records the earlier layer's name in ``same_as``; sweeps skip it unless
@@ -53,7 +54,8 @@ class Layer:
         kind: ``spatial``, ``channels_last``, ``token`` or ``nonspatial``.
         shape: output shape including the batch axis (empty when the output is not a tensor).
         params: number of parameters of the module, its children included.
-        map_size: ``(h, w)`` of the layer's map, ``None`` for non-spatial layers.
+        map_size: ``(h, w)`` of the layer's map: ``(1, 1)`` for vectors and 1x1 maps, ``None`` for outputs
+            that cannot be read as a map (tuples, windowed tensors).
         prefix_tokens: tokens dropped before the grid reshape (``token`` layers only).
         same_as: name of an earlier layer whose output is this very tensor, else ``None``.
     """
@@ -115,6 +117,8 @@ def classify_output(
     """
     if not isinstance(output, Tensor) or output.dim() < 2 or output.shape[0] != batch:
         return "nonspatial", None, 0
+    if output.dim() == 2:
+        return "nonspatial", (1, 1), 0
     in_h, in_w = in_hw
     if output.dim() == 4:
         _, a, b, c = output.shape
@@ -123,7 +127,7 @@ def classify_output(
         if last and (not first or type(module).__name__ in _CHANNELS_LAST_TYPES):
             return ("channels_last", (a, b), 0) if a * b > 1 else ("nonspatial", None, 0)
         if first:
-            return ("spatial", (b, c), 0) if b * c > 1 else ("nonspatial", None, 0)
+            return ("spatial", (b, c), 0) if b * c > 1 else ("nonspatial", (1, 1), 0)
         return "nonspatial", None, 0
     if output.dim() == 3:
         n = output.shape[1]
@@ -145,6 +149,8 @@ def as_bchw(t: Tensor, layer: Layer) -> Tensor:
         h, w = layer.map_size
         grid = t[:, layer.prefix_tokens :, :]
         return grid.reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
+    if layer.map_size == (1, 1):  # a vector (B, C) or a 1x1 map, read as (B, C, 1, 1)
+        return t.reshape(t.shape[0], t.shape[1], 1, 1)
     raise LayerSelectionError(
         f"layer {layer.name!r} is non-spatial (output shape {list(layer.shape)}) and has no map"
     )
@@ -256,7 +262,8 @@ def default_layers(
     return [
         layer
         for layer in layers
-        if (keep_nonspatial or layer.is_spatial) and (keep_duplicates or layer.same_as is None)
+        if (layer.is_spatial or (keep_nonspatial and layer.map_size is not None))
+        and (keep_duplicates or layer.same_as is None)
     ]
 
 

@@ -1,0 +1,1247 @@
+"""CAManim: the class activation map of every layer, animated in forward order.
+
+CAManim (Kaczmarek et al., PLOS ONE 2024) shows one frame per layer so a viewer sees how the network arrives
+at its final map. Each frame shows the map twice (paper, "Global- vs. Local-Level Normalization"):
+
+* **local**: scaled by the layer's own minimum and maximum (where does this layer look?);
+* **global**: scaled by the minimum and maximum over every kept layer of the method (which layer activates
+  most strongly?), so only the layer holding the network-wide maximum reaches the top colour; optionally
+  **global-all**, one range across all methods.
+
+Both start from the method's raw map after its ReLU, bilinearly upsampled to the input size, exactly as
+:meth:`camanim.explanation.Explanation.upsampled` computes it (the paper's code min-max scaled each layer
+before its "global" step, which made its global videos identical to its local ones).
+
+Rendering is vectorised: all layers of one native size are upsampled in one call, normalised and coloured as
+arrays, and a :class:`~camanim.render.FrameComposer` built once per video adds the caption, colour bars and
+progress strip; frames stream into ffmpeg (:mod:`camanim.video`).
+
+Example:
+    >>> import camanim
+    >>> anim = camanim.animate(image="chelsea", methods="gradcam")  # doctest: +SKIP
+    >>> anim.save("out/chelsea")  # doctest: +SKIP
+    >>> next(anim.frames()).shape  # doctest: +SKIP
+    (368, 472, 3)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from camanim.bundle import Bundle, open_bundle, staging_path
+from camanim.errors import CamanimError, UnknownNameError
+from camanim.explanation import (
+    Explanation,
+    _as_loaded,
+    describe,
+    explain,
+    prepare_input,
+    write_explanation,
+)
+from camanim.layers import Layer, LayerSpec
+from camanim.methods import method_class
+from camanim.models import DEFAULT_MODEL, LoadedModel, Preprocessing
+from camanim.normalize import Range
+from camanim.render import FrameComposer, FrameStyle, colormap_lut, grid, overlay_batch, resize_maps, save_png
+from camanim.video import FORMATS, default_fps, open_writer
+
+__all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip", "animate"]
+
+logger = logging.getLogger(__name__)
+
+NORMS = ("local", "global", "global-all")
+LAYOUTS = ("side-by-side", "local", "global", "grid")
+PERCENTILES = tuple(range(0, 101, 10))
+#: Layers upsampled at once while rendering: bounds memory to ~25 MB per method at 224x224.
+CHUNK = 128
+#: Staged description of the explanation, read by ``reuse`` to skip the capture of an interrupted run.
+STATE_FILE = "animation.json"
+
+_TITLES = {
+    "local": "local: layer min-max",
+    "global": "global: all layers",
+    "global-all": "global: all methods",
+}
+_SHORT = {"local": "local", "global": "global", "global-all": "global (all methods)"}
+_STATE_FILES = {
+    "input.npy": "input tensor (B, 3, H, W) float32",
+    "maps.npz": "raw maps",
+    STATE_FILE: "what produced the maps (read by --resume)",
+}
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One map's values after the method's ReLU, upsampled to the input size: what normalisation scales.
+
+    Attributes:
+        min: smallest value, in the method's raw units.
+        max: largest value.
+        mean: mean value.
+        flat: the map is constant (all zero included); it renders as the bottom colour under its local range.
+    """
+
+    min: float
+    max: float
+    mean: float
+    flat: bool
+
+    @property
+    def range(self) -> Range:
+        """The local normalisation range ``[min, max]``."""
+        return Range(self.min, self.max)
+
+
+@dataclass(frozen=True)
+class Strip:
+    """The strip figure: layers at every 10th percentile of depth (paper Figs 4 and 5).
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 figure.
+        percentiles: the depth percentile of each column (0, 10, ..., 100).
+        positions: each column's frame position (0-based index into the kept layers).
+        layers: each column's layer name.
+        rows: each row's label, ``"<method> · <normalisation>"``.
+    """
+
+    image: np.ndarray = field(repr=False)
+    percentiles: tuple[int, ...]
+    positions: tuple[int, ...]
+    layers: tuple[str, ...]
+    rows: tuple[str, ...]
+
+    @property
+    def n_columns(self) -> int:
+        """Number of columns (11)."""
+        return len(self.percentiles)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _parse_choice(value: str | Sequence[str], choices: Sequence[str], kind: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item not in choices:
+            raise UnknownNameError(kind, item, choices)
+        if item not in out:
+            out.append(item)
+    if not out:
+        raise ValueError(f"need at least one {kind}, one of {', '.join(choices)}")
+    return tuple(out)
+
+
+def _tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tuple[int, int]:
+    if size is None:
+        return in_hw
+    if isinstance(size, int):
+        if size < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {size}")
+        scale = size / max(in_hw)
+        return max(1, round(in_hw[0] * scale)), max(1, round(in_hw[1] * scale))
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return h, w
+
+
+def _shrink(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize ``(N, H, W)`` to ``size``; antialiased when shrinking. Every output value is a convex combination
+    of input values, so it stays inside the range the input was normalised by."""
+    if stack.shape[1:] == tuple(size):
+        return stack
+    t = torch.from_numpy(stack)[:, None]
+    shrinking = size[0] < stack.shape[1] or size[1] < stack.shape[2]
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out[:, 0].numpy()
+
+
+def _normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:
+    """:func:`camanim.normalize.normalize` of each ``(H, W)`` map of ``(N, H, W)`` by its own range, at once.
+
+    ``nan_safe=False`` skips the NaN pass when the caller's colour lookup treats NaN as 0 anyway."""
+    lo = np.array([r.low for r in ranges], np.float32)[:, None, None]
+    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32)[:, None, None]
+    out = stack - lo
+    out *= inv
+    np.clip(out, 0.0, 1.0, out=out)
+    if nan_safe:
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
+def _fmt_size(layer: Layer) -> str:
+    if layer.map_size:
+        return f"{layer.map_size[0]}x{layer.map_size[1]}"
+    return "x".join(str(s) for s in layer.shape[1:]) or "-"
+
+
+def skip_reason(layer: Layer) -> str | None:
+    """Why a sweep leaves ``layer`` out (non-spatial output, or a repeat of an earlier tensor), else None."""
+    if not layer.is_spatial:
+        shape = "x".join(str(s) for s in layer.shape) or "not a tensor"
+        return f"non-spatial output ({shape}): its map would only show stripes"
+    if layer.same_as is not None:
+        return f"same tensor as {layer.same_as}"
+    return None
+
+
+def _upsampled_stack(
+    ex: Explanation, method: str, layers: Sequence[Layer], positions: Sequence[int], sample: int
+) -> np.ndarray:
+    """Maps of ``layers[positions]`` after the method's ReLU, upsampled to the input size.
+
+    Maps sharing a native size go through one ``resize_maps`` call; each result equals
+    ``ex.upsampled(method, layer)[sample]`` exactly (same interpolation, one plane at a time).
+
+    Returns:
+        ``(n, H_in, W_in)`` float32.
+    """
+    relu = method_class(method).relu
+    in_hw = (int(ex.input.shape[-2]), int(ex.input.shape[-1]))
+    out = np.empty((len(positions), *in_hw), np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, p in enumerate(positions):
+        groups.setdefault(tuple(ex.maps[method][layers[p].name].shape[1:]), []).append(k)
+    for ks in groups.values():
+        raw = torch.stack([ex.maps[method][layers[positions[k]].name][sample] for k in ks])
+        if relu:
+            raw = raw.clamp_min(0)
+        out[ks] = resize_maps(raw.float(), in_hw).numpy()
+    return out
+
+
+def _layer_stats(
+    ex: Explanation, method: str, layers: Sequence[Layer], sample: int
+) -> tuple[LayerStats, ...]:
+    """Min, max, mean and flatness of every layer's upsampled map, a chunk of layers at a time."""
+    out: list[LayerStats] = []
+    n = len(layers)
+    for start in range(0, n, CHUNK):
+        pos = range(start, min(n, start + CHUNK))
+        stack = _upsampled_stack(ex, method, layers, pos, sample).reshape(len(pos), -1)
+        lo, hi = stack.min(axis=1), stack.max(axis=1)
+        mean = stack.mean(axis=1, dtype=np.float64)
+        for a, b, c in zip(lo, hi, mean, strict=True):
+            r = Range(float(a), float(b))
+            out.append(LayerStats(r.low, r.high, float(c), r.is_flat()))
+    return tuple(out)
+
+
+def _input_pngs(batch: int) -> list[str]:
+    return ["input.png"] if batch == 1 else [f"input_s{b}.png" for b in range(batch)]
+
+
+def _hash_arrays(h: Any, arrays: Sequence[np.ndarray]) -> None:
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
+
+
+# ---------------------------------------------------------------------------------------------- Animation
+
+
+@dataclass(frozen=True)
+class Animation:
+    """A CAManim animation of one explanation: ranges, frames, strip figure, layer table and bundle writer.
+
+    Build it with :func:`animate` or :meth:`from_explanation`; nothing is rendered until frames are asked for.
+
+    Attributes:
+        explanation: the raw maps (one capture for every method and layer).
+        methods: methods animated, in order.
+        layers: kept layers, one frame each, in forward order.
+        skipped: layers of the forward pass left out, with the reason (non-spatial, repeated tensor).
+        norms: normalisations shown side by side (``"local"``, ``"global"``, ``"global-all"``).
+        layouts: videos to write: ``"side-by-side"`` (one tile per norm), ``"local"``, ``"global"``, ``"grid"``
+            (methods x norms in one video).
+        cmap: matplotlib colour map name.
+        size: ``(H, W)`` of each tile in pixels.
+        sample: which sample of the explanation's batch is animated.
+        alpha: weight of the colour map over the image.
+        stats: ``stats[method][i]``: values of layer ``i``'s map after ReLU, upsampled (:class:`LayerStats`).
+        global_ranges: per method, the range over all its kept layers.
+        global_all: the range over all methods and layers.
+        road: optional per-method ROAD score per kept layer (ybROAD); drawn as a running curve.
+        fps: frames per second of saved videos (default: about 10 s per video).
+        style: frame look.
+        request: what produced the explanation (model, image, methods, layers, target), used by ``reuse``.
+    """
+
+    explanation: Explanation = field(repr=False)
+    methods: tuple[str, ...]
+    layers: tuple[Layer, ...] = field(repr=False)
+    skipped: tuple[tuple[Layer, str], ...] = field(repr=False)
+    norms: tuple[str, ...]
+    layouts: tuple[str, ...]
+    cmap: str
+    size: tuple[int, int]
+    sample: int
+    alpha: float
+    stats: Mapping[str, tuple[LayerStats, ...]] = field(repr=False)
+    global_ranges: Mapping[str, Range]
+    global_all: Range
+    road: Mapping[str, tuple[float, ...]] | None = field(default=None, repr=False)
+    fps: int = 10
+    style: FrameStyle = field(default_factory=FrameStyle, repr=False)
+    request: Mapping[str, Any] | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_explanation(
+        cls,
+        ex: Explanation,
+        *,
+        methods: str | Sequence[str] | None = None,
+        norm: str | Sequence[str] = ("local", "global"),
+        layout: str | Sequence[str] = "side-by-side",
+        cmap: str = "jet",
+        size: int | tuple[int, int] | None = None,
+        sample: int = 0,
+        alpha: float = 0.5,
+        road: Mapping[str, Sequence[float]] | None = None,
+        fps: int | None = None,
+        style: FrameStyle | None = None,
+        request: Mapping[str, Any] | None = None,
+    ) -> Animation:
+        """Compute the normalisation ranges of an explanation's maps; frames render later, on demand.
+
+        Args:
+            ex: an explanation; every chosen layer becomes a frame.
+            methods: a subset of ``ex.methods`` (default all), comma-separated or a list.
+            norm: normalisations shown side by side: ``"local"``, ``"global"``, ``"global-all"``.
+            layout: one or more of ``"side-by-side"``, ``"local"``, ``"global"``, ``"grid"``.
+            cmap: a matplotlib colour map name.
+            size: tile size in pixels: an int for the longer side, ``(H, W)``, or None for the input size.
+            sample: which sample of the batch to animate.
+            alpha: weight of the colour map over the image, in ``[0, 1]``.
+            road: per method, one ROAD score per kept layer (NaN for missing), shown in captions and as a
+                running curve in the progress strip.
+            fps: frames per second for saved videos; default plays the animation in about 10 s.
+            style: frame look (:class:`~camanim.render.FrameStyle`).
+            request: description of what produced ``ex`` (recorded, and compared by ``reuse``).
+
+        Raises:
+            UnknownNameError: an unknown method, normalisation, layout or colour map.
+            CamanimError: no layer to animate, a method missing a layer's map, or ``road`` of the wrong length.
+        """
+        t0 = time.perf_counter()
+        names = tuple(ex.methods) if methods is None else _parse_choice(methods, ex.methods, "method")
+        norms = _parse_choice(norm, NORMS, "normalisation")
+        layouts = _parse_choice(layout, LAYOUTS, "layout")
+        colormap_lut(cmap)  # fail early on an unknown colour map
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        b = ex.input.shape[0]
+        if not 0 <= sample < b:
+            raise ValueError(f"sample must be in 0..{b - 1}, got {sample}")
+        layers = tuple(ex.chosen)
+        if not layers:
+            raise CamanimError("the explanation has no layer to animate")
+        for m in names:
+            missing = [layer.name for layer in layers if layer.name not in ex.maps[m]]
+            if missing:
+                raise CamanimError(f"method {m!r} has no map for layers {missing[:5]}: cannot animate it")
+        chosen = {layer.name for layer in layers}
+        skipped = tuple(
+            (layer, reason)
+            for layer in ex.layers
+            if layer.name not in chosen and (reason := skip_reason(layer)) is not None
+        )
+        road_t = None
+        if road is not None:
+            road_t = {}
+            for m, scores in road.items():
+                if m not in names:
+                    raise UnknownNameError("method", m, names, hint="road scores for a method not animated")
+                values = tuple(float(v) for v in scores)
+                if len(values) != len(layers):
+                    raise CamanimError(f"road[{m!r}] has {len(values)} scores for {len(layers)} kept layers")
+                road_t[m] = values
+        in_hw = (int(ex.input.shape[-2]), int(ex.input.shape[-1]))
+        stats = {m: _layer_stats(ex, m, layers, sample) for m in names}
+        granges = {m: Range(min(s.min for s in st), max(s.max for s in st)) for m, st in stats.items()}
+        anim = cls(
+            explanation=ex,
+            methods=names,
+            layers=layers,
+            skipped=skipped,
+            norms=norms,
+            layouts=layouts,
+            cmap=cmap,
+            size=_tile_size(size, in_hw),
+            sample=sample,
+            alpha=float(alpha),
+            stats=stats,
+            global_ranges=granges,
+            global_all=Range(min(r.low for r in granges.values()), max(r.high for r in granges.values())),
+            road=road_t,
+            fps=int(fps) if fps else default_fps(len(layers)),
+            style=style or FrameStyle(),
+            request=dict(request) if request is not None else None,
+        )
+        anim._cache["timings"] = {"ranges": time.perf_counter() - t0}
+        return anim
+
+    def _raw_stack(self, method: str, positions: Sequence[int]) -> np.ndarray:
+        return _upsampled_stack(self.explanation, method, self.layers, positions, self.sample)
+
+    # --------------------------------------------------------------------------------------- ranges
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def local_ranges(self, method: str) -> tuple[Range, ...]:
+        """Each kept layer's own range (local normalisation) for ``method``."""
+        return tuple(s.range for s in self.stats[method])
+
+    def range_for(self, method: str, norm: str, position: int) -> Range:
+        """The range frame ``position`` of ``method`` is scaled by under ``norm``."""
+        if norm == "local":
+            return self.stats[method][position].range
+        if norm == "global":
+            return self.global_ranges[method]
+        if norm == "global-all":
+            return self.global_all
+        raise UnknownNameError("normalisation", norm, NORMS)
+
+    def flags(self, method: str, position: int) -> tuple[str, ...]:
+        """Conditions of a frame's map: ``"flat"`` after ReLU, plus the explanation's flags (``no_gradient``...)."""
+        extra = self.explanation.flags.get(method, {}).get(self.layers[position].name, ())
+        own = ("flat",) if self.stats[method][position].flat else ()
+        return own + tuple(f for f in extra if f != "flat")
+
+    # ------------------------------------------------------------------------------------- rendering
+
+    def _positions(self, positions: Sequence[int] | slice | None) -> list[int]:
+        n = len(self.layers)
+        if positions is None:
+            return list(range(n))
+        if isinstance(positions, slice):
+            return list(range(n))[positions]
+        out = [int(p) + (n if int(p) < 0 else 0) for p in positions]
+        bad = [p for p in out if not 0 <= p < n]
+        if bad:
+            raise IndexError(f"frame positions {bad} out of range 0..{n - 1}")
+        return out
+
+    def normalized(
+        self,
+        method: str,
+        norm: str = "local",
+        positions: Sequence[int] | slice | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Normalised maps, as shown in the frames.
+
+        Args:
+            method: an animated method.
+            norm: ``"local"``, ``"global"`` or ``"global-all"``.
+            positions: frame positions (default all; mind memory: ``N * H * W`` float32).
+            size: output ``(H, W)``; default the tile size.
+
+        Returns:
+            ``(n, H, W)`` float32 in ``[0, 1]``; 1 only where a map reaches its range's maximum.
+        """
+        pos = self._positions(positions)
+        stack = _shrink(self._raw_stack(method, pos), size or self.size)
+        return _normalize_stack(stack, [self.range_for(method, norm, p) for p in pos])
+
+    def _display(self, size: tuple[int, int]) -> np.ndarray:
+        key = ("display", size)
+        if key not in self._cache:
+            img = self.explanation.display[self.sample]
+            if img.shape[:2] != tuple(size):
+                img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+            self._cache[key] = np.ascontiguousarray(img)
+        return self._cache[key]
+
+    def overlays(
+        self,
+        method: str,
+        norm: str = "local",
+        positions: Sequence[int] | slice | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """The coloured maps over the image, as the tiles of the frames: ``(n, H, W, 3)`` uint8."""
+        size = size or self.size
+        pos = self._positions(positions)
+        stack = _shrink(self._raw_stack(method, pos), size)
+        return self._colour(stack, method, norm, pos, size)
+
+    def _colour(
+        self, stack: np.ndarray, method: str, norm: str, pos: Sequence[int], size: tuple[int, int]
+    ) -> np.ndarray:
+        norm_maps = _normalize_stack(stack, [self.range_for(method, norm, p) for p in pos], nan_safe=False)
+        return overlay_batch(self._display(size), norm_maps, colormap_lut(self.cmap), self.alpha)
+
+    def _layout_norms(self, layout: str) -> tuple[str, ...]:
+        if layout in ("side-by-side", "grid"):
+            return self.norms
+        if layout == "local":
+            return ("local",)
+        if layout == "global":
+            return (
+                ("global-all",) if "global-all" in self.norms and "global" not in self.norms else ("global",)
+            )
+        raise UnknownNameError("layout", layout, LAYOUTS)
+
+    def target_text(self) -> str:
+        """``"target <name> (p=<probability>)"`` of the animated sample."""
+        ex = self.explanation
+        c = ex.targets[self.sample]
+        p = float(ex.probabilities[self.sample, c]) if c < ex.probabilities.shape[1] else float("nan")
+        return f"target {ex.target_names[self.sample]} (p={p:.3f})"
+
+    def caption(self, method: str | None, position: int) -> list[str]:
+        """Caption lines of frame ``position``: layer index/total and name; module type and native map size;
+        method(s), target class and probability; flags and ROAD. (Parameter counts are in ``layers.csv``:
+        a line that changes every frame costs a text rendering per frame.)"""
+        layer = self.layers[position]
+        n = len(self.layers)
+        shown = self.methods if method is None else (method,)
+        line3 = f"{', '.join(shown)} · {self.target_text()}"
+        notes = []
+        for m in shown:
+            prefix = f"{m}: " if len(shown) > 1 else ""
+            fl = self.flags(m, position)
+            if "flat" in fl:
+                notes.append(prefix + "flat map (constant after ReLU)")
+            if "no_gradient" in fl:
+                notes.append(prefix + "no gradient reaches this layer")
+            if self.road and m in self.road:
+                v = self.road[m][position]
+                notes.append(f"{prefix}ROAD {v:.3f}" if math.isfinite(v) else f"{prefix}ROAD n/a")
+        return [
+            f"layer {position + 1}/{n}: {layer.name}",
+            f"{layer.type} · map {_fmt_size(layer)}",
+            line3,
+            " · ".join(notes),
+        ]
+
+    def _curve(self, method: str | None) -> np.ndarray | None:
+        if not self.road:
+            return None
+        key = next(iter(self.road)) if method is None else method
+        return np.asarray(self.road[key], np.float64) if key in self.road else None
+
+    def _composers(self, method: str | None, layout: str) -> list[tuple[str, FrameComposer]]:
+        """One composer per video (a row of tiles); the grid stacks one row per method, captions in the last."""
+        norms = self._layout_norms(layout)
+        luts = [colormap_lut(self.cmap)] * len(norms)
+        if layout != "grid":
+            assert method is not None
+            titles = [f"{method} · {_TITLES[n]}" if len(norms) == 1 else _TITLES[n] for n in norms]
+            return [(method, FrameComposer(self.size, titles, luts, self._curve(method), self.style))]
+        rows = []
+        for r, m in enumerate(self.methods):
+            last = r == len(self.methods) - 1
+            style = self.style if last else dataclasses.replace(self.style, caption_lines=0, progress=False)
+            titles = [f"{m} · {_SHORT[n]}" for n in norms]
+            rows.append(
+                (m, FrameComposer(self.size, titles, luts, self._curve(None) if last else None, style))
+            )
+        return rows
+
+    def frames(
+        self, method: str | None = None, layout: str | None = None, positions: Sequence[int] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Render frames one by one, in forward order.
+
+        Args:
+            method: an animated method (default the first); ignored by the ``"grid"`` layout.
+            layout: ``"side-by-side"``, ``"local"``, ``"global"`` or ``"grid"`` (default the first of
+                ``layouts``).
+            positions: frame positions to render (default all).
+
+        Yields:
+            ``(Hf, Wf, 3)`` uint8 RGB frames of one fixed, even size.
+        """
+        layout = layout or self.layouts[0]
+        if layout not in LAYOUTS:
+            raise UnknownNameError("layout", layout, LAYOUTS)
+        method = method or self.methods[0]
+        if method not in self.methods:
+            raise UnknownNameError("method", method, self.methods)
+        norms = self._layout_norms(layout)
+        rows = self._composers(None if layout == "grid" else method, layout)
+        pos = self._positions(positions)
+        n = len(self.layers)
+        for start in range(0, len(pos), CHUNK):
+            chunk = pos[start : start + CHUNK]
+            tiles: dict[tuple[str, str], np.ndarray] = {}
+            for m, _ in rows:
+                stack = _shrink(self._raw_stack(m, chunk), self.size)
+                for nm in norms:
+                    tiles[m, nm] = self._colour(stack, m, nm, chunk, self.size)
+                del stack
+            for j, p in enumerate(chunk):
+                parts = []
+                for r, (m, composer) in enumerate(rows):
+                    last = r == len(rows) - 1
+                    caption = self.caption(None if layout == "grid" else m, p) if last else ()
+                    parts.append(
+                        composer(
+                            [tiles[m, nm][j] for nm in norms],
+                            caption,
+                            ranges=[self.range_for(m, nm, p) for nm in norms],
+                            progress=(p + 1) / n if last else None,
+                        )
+                    )
+                yield parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def frame(self, position: int, method: str | None = None, layout: str | None = None) -> np.ndarray:
+        """Render the single frame at ``position`` (negative counts from the end)."""
+        return next(self.frames(method, layout, [position]))
+
+    def videos(self) -> list[tuple[str | None, str]]:
+        """``(method, layout)`` of every video :meth:`save` writes (method None for the grid)."""
+        out: list[tuple[str | None, str]] = []
+        for layout in self.layouts:
+            if layout == "grid":
+                out.append((None, layout))
+            else:
+                out.extend((m, layout) for m in self.methods)
+        return out
+
+    @staticmethod
+    def video_name(method: str | None, layout: str, fmt: str) -> str:
+        """Bundle-relative output name: ``<method>_<layout>.mp4``/``.gif``, ``<method>_<layout>_frames/``."""
+        stem = f"{method}_{layout}" if method else layout
+        return f"{stem}_frames" if fmt == "frames" else f"{stem}.{fmt}"
+
+    # ---------------------------------------------------------------------------------- figures
+
+    def strip(self, tile: int = 112) -> Strip:
+        """The strip figure: layers at depth 0, 10, ..., 100 %, one row per method and normalisation.
+
+        Args:
+            tile: tile size in pixels (longer side).
+
+        Returns:
+            A :class:`Strip`; its ``image`` has 11 columns per row.
+        """
+        n = len(self.layers)
+        positions = tuple(round(p / 100 * (n - 1)) for p in PERCENTILES)
+        size = _tile_size(tile, self.size)
+        rows, labels = [], []
+        for m in self.methods:
+            stack = _shrink(self._raw_stack(m, positions), size)
+            for nm in self.norms:
+                rows.append(list(self._colour(stack, m, nm, positions, size)))
+                labels.append(f"{m} · {nm}")
+        ex = self.explanation
+        title = (
+            f"{ex.model_name} · {self.target_text()} · layers at every 10th percentile of depth ({n} layers)"
+        )
+        image = grid(
+            rows,
+            row_titles=labels,
+            col_titles=[f"{p}% · #{q + 1}" for p, q in zip(PERCENTILES, positions, strict=True)],
+            title=title,
+            style=self.style,
+        )
+        return Strip(
+            image=image,
+            percentiles=PERCENTILES,
+            positions=positions,
+            layers=tuple(self.layers[q].name for q in positions),
+            rows=tuple(labels),
+        )
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        """One row per layer of ``layers.csv``: every kept layer, then skipped layers with the reason.
+
+        Columns: ``frame`` (1-based, empty when skipped), ``index`` (in the forward pass), ``name``, ``type``,
+        ``kind``, ``map_size``, ``params``, ``kept``, ``skipped`` (reason), and per method ``<m>_min``,
+        ``<m>_max``, ``<m>_mean`` (after ReLU, upsampled: the values normalisation scales) and
+        ``<m>_flags`` (``flat``, ``no_gradient``... joined by ``;``).
+        """
+        rows: list[tuple[int, dict[str, Any]]] = []
+        for p, layer in enumerate(self.layers):
+            row: dict[str, Any] = {
+                "frame": p + 1,
+                "index": layer.index,
+                "name": layer.name,
+                "type": layer.type,
+                "kind": layer.kind,
+                "map_size": _fmt_size(layer),
+                "params": layer.params,
+                "kept": 1,
+                "skipped": "",
+            }
+            for m in self.methods:
+                s = self.stats[m][p]
+                row |= {
+                    f"{m}_min": s.min,
+                    f"{m}_max": s.max,
+                    f"{m}_mean": s.mean,
+                    f"{m}_flags": ";".join(self.flags(m, p)),
+                }
+            rows.append((layer.index, row))
+        for layer, reason in self.skipped:
+            row = {
+                "frame": "",
+                "index": layer.index,
+                "name": layer.name,
+                "type": layer.type,
+                "kind": layer.kind,
+                "map_size": _fmt_size(layer) if layer.is_spatial else "",
+                "params": layer.params,
+                "kept": 0,
+                "skipped": reason,
+            }
+            for m in self.methods:
+                row |= {f"{m}_min": "", f"{m}_max": "", f"{m}_mean": "", f"{m}_flags": "skipped"}
+            rows.append((layer.index, row))
+        return [r for _, r in sorted(rows, key=lambda t: t[0])]
+
+    def layer_csv(self) -> str:
+        """:meth:`layer_table` as CSV text."""
+        table = self.layer_table()
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        return buf.getvalue()
+
+    def params_png(self, dpi: int = 110) -> bytes:
+        """The parameters of each kept layer on a log scale (paper Fig 3), as PNG bytes (matplotlib)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        params = np.array([layer.params for layer in self.layers], np.float64)
+        types = [layer.type for layer in self.layers]
+        x = np.arange(1, len(params) + 1)
+        fig = Figure(figsize=(10, 3.6), dpi=dpi)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        common = sorted({t for t in types}, key=lambda t: -types.count(t))
+        palette = [f"C{k}" for k in range(10)]
+        for k, t in enumerate(common):
+            sel = np.array([tt == t and p > 0 for tt, p in zip(types, params, strict=True)])
+            if sel.any():
+                label = t if k < 9 else None
+                ax.vlines(x[sel], 1, params[sel], colors=palette[min(k, 9)], lw=1.0, label=label)
+                ax.plot(x[sel], params[sel], "o", ms=2, color=palette[min(k, 9)])
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1)
+        ax.set_xlim(0, len(params) + 1)
+        ax.set_xlabel("layer (forward order)")
+        ax.set_ylabel("parameters (log scale)")
+        zero = int((params == 0).sum())
+        ax.set_title(
+            f"{self.explanation.model_name}: parameters per layer"
+            + (f" ({zero} layers without parameters not shown)" if zero else ""),
+            fontsize=10,
+        )
+        if any(params > 0):
+            ax.legend(fontsize=7, ncols=min(5, len(common)), loc="upper left", frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
+    # -------------------------------------------------------------------------------------- saving
+
+    def fingerprint(self) -> str:
+        """A hash of everything the videos depend on (input, maps, targets, layers, render settings)."""
+        if "fingerprint" not in self._cache:
+            ex = self.explanation
+            h = hashlib.sha1()
+            _hash_arrays(h, [ex.input.numpy()])
+            for m in self.methods:
+                _hash_arrays(h, [ex.maps[m][layer.name].numpy() for layer in self.layers])
+            settings = {
+                "methods": self.methods,
+                "layers": [layer.name for layer in self.layers],
+                "targets": ex.targets,
+                "sample": self.sample,
+                "norms": self.norms,
+                "cmap": self.cmap,
+                "size": self.size,
+                "alpha": self.alpha,
+                "fps": self.fps,
+                "road": self.road,
+                "style": repr(self.style),
+            }
+            h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            self._cache["fingerprint"] = h.hexdigest()
+        return self._cache["fingerprint"]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``animation`` section: settings, ranges per method and per frame, skipped layers."""
+        return {
+            "methods": list(self.methods),
+            "norms": list(self.norms),
+            "layouts": list(self.layouts),
+            "colormap": self.cmap,
+            "alpha": self.alpha,
+            "tile_size": list(self.size),
+            "sample": self.sample,
+            "fps": self.fps,
+            "frames": len(self.layers),
+            "normalisation": (
+                "maps after the method's ReLU, bilinearly upsampled to the input size; local: each layer's "
+                "own min/max; global: min/max over all kept layers of the method; global-all: over all methods"
+            ),
+            "global_ranges": {m: [r.low, r.high] for m, r in self.global_ranges.items()},
+            "global_all_range": [self.global_all.low, self.global_all.high],
+            "per_frame": [
+                {
+                    "frame": p,
+                    "layer": layer.name,
+                    "index": layer.index,
+                    "ranges": {
+                        m: {nm: [self.range_for(m, nm, p).low, self.range_for(m, nm, p).high] for nm in NORMS}
+                        for m in self.methods
+                    },
+                    "flags": {m: list(self.flags(m, p)) for m in self.methods if self.flags(m, p)},
+                }
+                for p, layer in enumerate(self.layers)
+            ],
+            "skipped": [{"index": la.index, "name": la.name, "reason": r} for la, r in self.skipped],
+            "road": {m: list(v) for m, v in self.road.items()} if self.road else None,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def save(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        formats: str | Sequence[str] = ("mp4",),
+        fps: int | None = None,
+        force: bool = False,
+        resume: bool = False,
+        progress: bool | ProgressCallback = False,
+        extras: bool = True,
+        command: str = "",
+    ) -> Path:
+        """Write the animation bundle.
+
+        Contents: ``manifest.json`` (written last; sections of :func:`camanim.explanation.describe` plus
+        ``animation``), ``input.npy``, ``maps.npz`` (raw maps), ``input.png``, the videos
+        (``<method>_<layout>.mp4``/``.gif`` or ``<method>_<layout>_frames/``; the grid is ``grid.*``),
+        ``strip.png``, ``layers.csv`` and ``params.png``.
+
+        Args:
+            out: bundle folder.
+            formats: any of ``"mp4"``, ``"gif"`` (~25x slower to encode, ~40x larger), ``"frames"``.
+            fps: frames per second (default :attr:`fps`).
+            force: replace an existing non-empty folder (once the new bundle is complete).
+            resume: continue an interrupted run (its staging folder ``.NAME.partial``): videos already
+                there are kept when they were rendered from the same maps and settings.
+            progress: True draws a progress bar (rich) on stderr; a callable gets
+                ``(frames done, frames total, current file)``.
+            extras: write ``strip.png``, ``layers.csv`` and ``params.png``.
+            command: the command line recorded in the manifest.
+
+        Returns:
+            The bundle's path.
+
+        Raises:
+            BundleExistsError: ``out`` exists and is not empty, and neither ``force`` nor ``resume`` is given.
+        """
+        fmts = _parse_choice(formats, FORMATS, "video format")
+        fps = int(fps) if fps else self.fps
+        if fps != self.fps:
+            return dataclasses.replace(self, fps=fps, _cache={}).save(
+                out,
+                formats=fmts,
+                force=force,
+                resume=resume,
+                progress=progress,
+                extras=extras,
+                command=command,
+            )
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
+            staged = _read_state(bundle.path) if resume else None
+            same = staged is not None and staged.get("fingerprint") == self.fingerprint()
+            if resume and staged is not None and not same:
+                logger.warning("the interrupted run used other maps or settings: rendering every video again")
+            t = time.perf_counter()
+            if same and all(bundle.exists(rel) for rel in ("maps.npz", "input.npy", STATE_FILE)):
+                for rel, role in _STATE_FILES.items():
+                    bundle.file(rel, role)
+                for rel in _input_pngs(self.explanation.display.shape[0]):
+                    bundle.file(rel, "the picture the model saw")
+                bundle.manifest.update(describe(self.explanation))
+            else:
+                write_explanation(self.explanation, bundle, overlays=False)
+                self._write_state(bundle)
+            bundle.manifest.pop("overlays", None)
+            timings["explanation_files"] = time.perf_counter() - t
+            jobs = [(m, lay) for m, lay in self.videos()]
+            todo = []
+            written = []
+            for m, lay in jobs:
+                rels = [self.video_name(m, lay, f) for f in fmts]
+                for rel, f in zip(rels, fmts, strict=True):
+                    bundle.file(rel, f"{f} video")
+                    written.append(
+                        {"file": rel, "method": m, "layout": lay, "format": f, "frames": len(self)}
+                    )
+                need = [
+                    (rel, f) for rel, f in zip(rels, fmts, strict=True) if not (same and bundle.exists(rel))
+                ]
+                kept = [rel for rel in rels if rel not in {r for r, _ in need}]
+                if kept:
+                    logger.info("kept from the earlier run: %s", ", ".join(kept))
+                if need:
+                    todo.append((m, lay, need))
+            t = time.perf_counter()
+            self._encode(bundle, todo, fps, progress)
+            timings["render_encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if extras:
+                self._write_extras(bundle, skip_existing=same)
+            timings["extras"] = time.perf_counter() - t
+            bundle.manifest["animation"] = self.describe() | {
+                "fps": fps,
+                "videos": written,
+                "frames_rendered": len(todo) * len(self),
+                "strip": (
+                    {"file": "strip.png", "percentiles": list(PERCENTILES), "columns": len(PERCENTILES)}
+                    if extras
+                    else None
+                ),
+                "table": "layers.csv" if extras else None,
+                "params_plot": "params.png" if extras else None,
+                "timings": timings | {"total": time.perf_counter() - t0},
+            }
+            bundle.manifest.setdefault("timings", {})["animation"] = time.perf_counter() - t0
+        self._cache["last_timings"] = timings
+        return bundle.root
+
+    def _encode(
+        self,
+        bundle: Bundle,
+        todo: Sequence[tuple[str | None, str, Sequence[tuple[str, str]]]],
+        fps: int,
+        progress: bool | ProgressCallback,
+    ) -> None:
+        total = len(todo) * len(self)
+        bar = _ProgressBar(total) if progress is True else None
+        callback = progress if callable(progress) else None
+        done = 0
+        try:
+            for m, lay, need in todo:
+                writers = []
+                try:
+                    for rel, f in need:
+                        writers.append(open_writer(bundle.path / rel, fps, f))  # type: ignore[arg-type]
+                    for frame in self.frames(m, lay):
+                        for w in writers:
+                            w.write(frame)
+                        done += 1
+                        if bar is not None:
+                            bar.advance(need[0][0])
+                        if callback is not None:
+                            callback(done, total, need[0][0])
+                    for w in writers:
+                        w.close()
+                except BaseException:
+                    for w in writers:
+                        w.abort()
+                    raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _write_extras(self, bundle: Bundle, skip_existing: bool) -> None:
+        extras: dict[str, tuple[str, Callable[[], bytes | str | np.ndarray]]] = {
+            "strip.png": (
+                "strip figure: layers at every 10th percentile of depth",
+                lambda: self.strip().image,
+            ),
+            "layers.csv": (
+                "one row per layer: kept or skipped (why), sizes, raw ranges, flags",
+                self.layer_csv,
+            ),
+            "params.png": ("parameters per kept layer, log scale", self.params_png),
+        }
+        for rel, (role, make) in extras.items():
+            if skip_existing and bundle.exists(rel):
+                bundle.file(rel, role)
+                continue
+            data = make()
+            if isinstance(data, np.ndarray):
+                save_png(bundle.file(rel, role), data)
+            elif isinstance(data, str):
+                bundle.write_text(rel, data, role)
+            else:
+                bundle.write_bytes(rel, data, role)
+
+    def _write_state(self, bundle: Bundle) -> None:
+        ex = self.explanation
+        for b, rel in enumerate(_input_pngs(ex.display.shape[0])):
+            save_png(bundle.file(rel, "the picture the model saw"), ex.display[b])
+        state = {
+            "request": self.request,
+            "fingerprint": self.fingerprint(),
+            "explanation": describe(ex),
+            "probabilities": ex.probabilities.tolist(),
+            "class_names": list(ex.class_names),
+        }
+        bundle.write_json(STATE_FILE, state, _STATE_FILES[STATE_FILE])
+
+    # -------------------------------------------------------------------------------------- notebook
+
+    def _repr_html_(self) -> str:
+        """An inline HTML5 video (base64 MP4) of the first layout of the first method, for Jupyter."""
+        if "html" not in self._cache:
+            method, layout = self.videos()[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "anim.mp4"
+                with open_writer(path, self.fps, "mp4") as w:
+                    for frame in self.frames(method, layout):
+                        w.write(frame)
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+            label = f"CAManim: {method or ', '.join(self.methods)} · {layout} · {len(self)} layers"
+            self._cache["html"] = (
+                f'<figure style="margin:0"><video controls loop autoplay muted playsinline '
+                f'src="data:video/mp4;base64,{data}"></video><figcaption>{label}</figcaption></figure>'
+            )
+        return self._cache["html"]
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+class _ProgressBar:
+    """A rich progress bar over frames, on stderr."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._task = self._p.add_task("rendering", total=total)
+        self._p.start()
+
+    def advance(self, label: str) -> None:
+        self._p.update(self._task, advance=1, description=label)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+# ----------------------------------------------------------------------------------------------- reuse
+
+
+def _read_state(folder: Path) -> dict | None:
+    p = folder / STATE_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, OSError):
+        return None
+
+
+def _layer_from_dict(d: Mapping[str, Any]) -> Layer:
+    return Layer(
+        index=int(d["index"]),
+        name=d["name"],
+        module_name=d["module"],
+        type=d["type"],
+        kind=d["kind"],
+        shape=tuple(d["shape"]),
+        params=int(d["params"]),
+        map_size=tuple(d["map_size"]) if d.get("map_size") else None,
+        prefix_tokens=int(d.get("prefix_tokens", 0)),
+        same_as=d.get("same_as"),
+    )
+
+
+def load_staged(
+    folder: str | os.PathLike[str], request: Mapping[str, Any], x: torch.Tensor
+) -> Explanation | None:
+    """The explanation of an interrupted (or finished) animation bundle, when it was made by ``request``.
+
+    Looks in the staging folder ``.NAME.partial`` first, then in ``NAME`` itself.
+
+    Args:
+        folder: the bundle folder given to :meth:`Animation.save`.
+        request: what the new run asks for (model, weights, methods, layers, target, ...).
+        x: the new run's input tensor ``(B, 3, H, W)``; must equal the staged ``input.npy`` exactly.
+
+    Returns:
+        The rebuilt :class:`~camanim.explanation.Explanation`, or None when there is nothing to reuse or it
+        was made differently (the reason is logged).
+    """
+    root = Path(folder).expanduser().absolute()
+    for where in (staging_path(root), root):
+        state = _read_state(where)
+        if state is None or not (where / "maps.npz").is_file() or not (where / "input.npy").is_file():
+            continue
+        if state.get("request") != json.loads(json.dumps(dict(request), default=str)):
+            logger.info("not reusing %s: made with other settings (%s)", where, state.get("request"))
+            return None
+        staged_x = np.load(where / "input.npy", allow_pickle=False)
+        if staged_x.shape != tuple(x.shape) or not np.array_equal(staged_x, x.numpy()):
+            logger.info("not reusing %s: the input image differs", where)
+            return None
+        try:
+            return _rebuild(where, state, staged_x)
+        except (KeyError, ValueError, OSError) as err:
+            logger.warning("not reusing %s: unreadable (%s)", where, err)
+            return None
+    return None
+
+
+def _rebuild(where: Path, state: Mapping[str, Any], x: np.ndarray) -> Explanation:
+    d = state["explanation"]
+    prep = Preprocessing(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in d["model"]["preprocessing"].items()}
+    )
+    with np.load(where / "maps.npz", allow_pickle=False) as z:
+        arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+    methods = tuple(m["name"] for m in d["methods"])
+    layers = tuple(_layer_from_dict(la) for la in d["layers"])
+    by_name = {la.name: la for la in layers}
+    chosen = tuple(by_name[n] for n in d["chosen_layers"])
+    maps = {m: {la.name: arrays[f"{m}/{la.name}"] for la in chosen} for m in methods}
+    flags = {m: {la.name: tuple(d["flags"].get(m, {}).get(la.name, ())) for la in chosen} for m in methods}
+    display = np.stack([np.asarray(Image.open(where / n).convert("RGB")) for n in _input_pngs(x.shape[0])])
+    targets = tuple(int(t["class"]) for t in d["targets"])
+    return Explanation(
+        model_name=d["model"]["name"],
+        weights=d["model"]["weights"],
+        preprocessing=prep,
+        input=torch.from_numpy(x),
+        display=display,
+        probabilities=torch.tensor(state["probabilities"], dtype=torch.float32),
+        targets=targets,
+        target_names=tuple(t["name"] for t in d["targets"]),
+        class_names=tuple(state["class_names"]),
+        layers=layers,
+        chosen=chosen,
+        methods=methods,
+        maps=maps,
+        flags=flags,
+        image_info={**d.get("image", {}), "maps_reused_from": str(where)},
+        timings=dict(d.get("timings", {})),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- animate
+
+
+def animate(
+    model: LoadedModel | nn.Module | str = DEFAULT_MODEL,
+    image: Any = "chelsea",
+    *,
+    methods: str | Sequence[str] = "gradcam",
+    target: int | str | Sequence[int | str] | None = None,
+    layers: LayerSpec = "all",
+    norm: str | Sequence[str] = ("local", "global"),
+    layout: str | Sequence[str] = "side-by-side",
+    cmap: str = "jet",
+    size: int | tuple[int, int] | None = None,
+    keep_nonspatial: bool = False,
+    road: Mapping[str, Sequence[float]] | None = None,
+    alpha: float = 0.5,
+    sample: int = 0,
+    score: str = "logit",
+    fps: int | None = None,
+    style: FrameStyle | None = None,
+    device: str | torch.device | None = None,
+    reuse: str | os.PathLike[str] | None = None,
+) -> Animation:
+    """Explain every chosen layer with every method in one capture, and prepare its CAManim animation.
+
+    Args:
+        model: a :class:`~camanim.models.LoadedModel`, an ``nn.Module`` or a model name.
+        image: an image source or a preprocessed tensor (see :func:`camanim.explain`).
+        methods: method names (``"gradcam,hirescam"``), ``"all"`` or a list.
+        target: the class to explain (index or name); default the top-1 class.
+        layers: layer selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
+        norm: normalisations shown side by side: ``"local"``, ``"global"``, ``"global-all"``.
+        layout: ``"side-by-side"`` (default), ``"local"``, ``"global"``, ``"grid"``, or several.
+        cmap: a matplotlib colour map name (``"jet"`` as in the paper).
+        size: tile size in pixels (longer side) or ``(H, W)``; default the input size.
+        keep_nonspatial: ask the engine for 1x1 layers too (they are otherwise recorded as skipped).
+        road: per method, one ROAD score per kept layer (ybROAD), shown in captions and the progress strip.
+        alpha: weight of the colour map over the image.
+        sample: which sample of a batch to animate.
+        score: what is differentiated: ``"logit"``, ``"probability"`` or ``"sigmoid"``.
+        fps: frames per second of saved videos; default plays in about 10 s.
+        style: frame look.
+        device: where to run the model.
+        reuse: a bundle folder of an interrupted (or finished) run: its raw maps are loaded instead of
+            running the model when they were made with the same model, weights, image, methods, layers,
+            target and score.
+
+    Returns:
+        An :class:`Animation`; call :meth:`Animation.save` to write the bundle.
+    """
+    lm = _as_loaded(model, device)
+    request = {
+        "model": lm.name,
+        "weights": lm.weights,
+        "methods": methods if isinstance(methods, str) else list(methods),
+        "layers": layers if isinstance(layers, (str, int)) or layers is None else repr(layers),
+        "target": target if target is None or isinstance(target, (str, int)) else list(target),
+        "score": score,
+        "keep_nonspatial": keep_nonspatial,
+    }
+    ex = None
+    if reuse is not None:
+        x, _, _ = prepare_input(image, lm)
+        ex = load_staged(reuse, request, x)
+        if ex is not None:
+            logger.info("reusing the raw maps in %s: the model is not run", reuse)
+    if ex is None:
+        ex = explain(
+            lm, image, methods=methods, layers=layers, target=target, score=score,
+            keep_nonspatial=keep_nonspatial, device=device,
+        )  # fmt: skip
+    return Animation.from_explanation(
+        ex,
+        norm=norm,
+        layout=layout,
+        cmap=cmap,
+        size=size,
+        sample=sample,
+        alpha=alpha,
+        road=road,
+        fps=fps,
+        style=style,
+        request=request,
+    )
