@@ -327,8 +327,11 @@ def test_from_explanation_matches_animate_and_notebook_html(
     a, b = Animation.from_explanation(ex), animate(tiny_model, x)
     assert a.global_ranges == b.global_ranges and a.stats == b.stats
     assert camanim.animate is animate and camanim.Animation is Animation
-    html = Animation.from_explanation(hand_ex)._repr_html_()
+    anim = Animation.from_explanation(hand_ex)
+    html = anim.video_html()
     assert html.count("<video") == 1 and "data:video/mp4;base64," in html
+    viewer = anim._repr_html_()
+    assert "<iframe" in viewer and hand_ex.chosen[-1].name in viewer
 
 
 @pytest.fixture(scope="module")

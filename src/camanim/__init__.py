@@ -20,6 +20,15 @@ _LAZY = {
     "list_layers": "camanim.layers",
     "list_methods": "camanim.methods",
     "get_method": "camanim.methods",
+    "ybroad": "camanim.road",
+    "road_scores": "camanim.road",
+    "YbRoadResult": "camanim.road",
+    "fmgcam": "camanim.methods.fused",
+    "FMGCAMResult": "camanim.methods.fused",
+    "compare": "camanim.comparison",
+    "Comparison": "camanim.comparison",
+    "write_report": "camanim.report",
+    "run_study": "camanim.study",
 }
 
 __all__ = [
@@ -33,15 +42,29 @@ __all__ = [
     "list_methods",
     "load_image",
     "load_model",
+    "ybroad",
+    "road_scores",
+    "YbRoadResult",
+    "fmgcam",
+    "FMGCAMResult",
+    "compare",
+    "Comparison",
+    "write_report",
+    "run_study",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from camanim.animation import Animation, animate
+    from camanim.comparison import Comparison, compare
     from camanim.explanation import Explanation, explain
     from camanim.images import load_image
     from camanim.layers import list_layers
     from camanim.methods import get_method, list_methods
+    from camanim.methods.fused import FMGCAMResult, fmgcam
     from camanim.models import load_model
+    from camanim.report import write_report
+    from camanim.road import YbRoadResult, road_scores, ybroad
+    from camanim.study import run_study
 
 
 def __getattr__(name: str) -> Any:

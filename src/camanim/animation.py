@@ -30,6 +30,7 @@ import base64
 import csv
 import dataclasses
 import hashlib
+import html
 import io
 import json
 import logging
@@ -1018,21 +1019,27 @@ class Animation:
     # -------------------------------------------------------------------------------------- notebook
 
     def _repr_html_(self) -> str:
-        """An inline HTML5 video (base64 MP4) of the first layout of the first method, for Jupyter."""
+        """The interactive report viewer (layer slider, method selector, local/global) for Jupyter."""
         if "html" not in self._cache:
-            method, layout = self.videos()[0]
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "anim.mp4"
-                with open_writer(path, self.fps, "mp4") as w:
-                    for frame in self.frames(method, layout):
-                        w.write(frame)
-                data = base64.b64encode(path.read_bytes()).decode("ascii")
-            label = f"CAManim: {method or ', '.join(self.methods)} · {layout} · {len(self)} layers"
-            self._cache["html"] = (
-                f'<figure style="margin:0"><video controls loop autoplay muted playsinline '
-                f'src="data:video/mp4;base64,{data}"></video><figcaption>{label}</figcaption></figure>'
-            )
+            from camanim.report import animation_html
+
+            self._cache["html"] = animation_html(self)
         return self._cache["html"]
+
+    def video_html(self) -> str:
+        """An inline HTML5 video (base64 MP4) of the first layout of the first method."""
+        method, layout = self.videos()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "anim.mp4"
+            with open_writer(path, self.fps, "mp4") as w:
+                for frame in self.frames(method, layout):
+                    w.write(frame)
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+        label = f"CAManim: {method or ', '.join(self.methods)} · {layout} · {len(self)} layers"
+        return (
+            f'<figure style="margin:0"><video controls loop autoplay muted playsinline '
+            f'src="data:video/mp4;base64,{data}"></video><figcaption>{html.escape(label)}</figcaption></figure>'
+        )
 
 
 # ------------------------------------------------------------------------------------------- progress

@@ -115,6 +115,12 @@ class Explanation:
         p, i = self.probabilities[sample].topk(min(k, self.probabilities.shape[1]))
         return [(int(c), self.class_names[int(c)], float(v)) for v, c in zip(p, i, strict=True)]
 
+    def _repr_html_(self) -> str:
+        """Jupyter display: an overlay grid, methods x layers (local normalisation); see :mod:`camanim.report`."""
+        from camanim.report import explanation_html
+
+        return explanation_html(self)
+
 
 def map_flags(m: Tensor) -> list[str]:
     """Conditions of a raw map ``(B, h, w)`` worth telling a user (see :class:`Explanation`)."""
@@ -273,9 +279,7 @@ def explain(
     def want(layer: Layer) -> bool:
         if allowed is not None:
             return layer.name in allowed
-        return (keep_duplicates or layer.same_as is None) and (
-            keep_nonspatial or layer.map_size is None or layer.map_size[0] * layer.map_size[1] > 1
-        )
+        return (keep_duplicates or layer.same_as is None) and (keep_nonspatial or layer.is_spatial)
 
     if top_k is not None:
         # Ranking classes needs the prediction before the capture: one extra no-grad forward of one image.
@@ -322,7 +326,14 @@ def explain(
         t = time.perf_counter()
         target_obj = TARGET_KINDS[score](tuple(lazy_target.classes))
         done = run_per_channel(
-            per_channel, net, x, result.chosen, kept, target_obj, batch_size=batch_size, max_channels=max_channels
+            per_channel,
+            net,
+            x,
+            result.chosen,
+            kept,
+            target_obj,
+            batch_size=batch_size,
+            max_channels=max_channels,
         )
         kept.clear()
         for n, per_layer in done.items():

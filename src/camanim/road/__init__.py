@@ -1,4 +1,8 @@
-"""ROAD (Remove And Debias, Rong et al. 2022): the noisy linear imputation at its heart, in :mod:`.imputers`."""
+"""ROAD (Remove And Debias, Rong et al. 2022) and ybROAD.
+
+The noisy linear imputation at its heart is in :mod:`.imputers`; the metric (a pure function and a stateful
+class) in :mod:`.metric`; the per-layer series of the CAManim paper (ybROAD) in :mod:`.ybroad`.
+"""
 
 from camanim.road.imputers import (
     IMPUTERS,
@@ -9,6 +13,24 @@ from camanim.road.imputers import (
     SpsolveImputer,
     get_imputer,
 )
+from camanim.road.metric import (
+    DEFAULT_PERCENTAGES,
+    ROAD,
+    RoadError,
+    RoadScores,
+    removal_masks,
+    removal_order,
+    road_scores,
+)
+from camanim.road.ybroad import (
+    YbRoad,
+    YbRoadResult,
+    best_layer,
+    save_ybroad,
+    smooth_series,
+    write_ybroad,
+    ybroad,
+)
 
 __all__ = [
     "IMPUTERS",
@@ -18,4 +40,18 @@ __all__ = [
     "NoisyLinearImputer",
     "SpsolveImputer",
     "get_imputer",
+    "DEFAULT_PERCENTAGES",
+    "ROAD",
+    "RoadError",
+    "RoadScores",
+    "removal_masks",
+    "removal_order",
+    "road_scores",
+    "YbRoad",
+    "YbRoadResult",
+    "best_layer",
+    "save_ybroad",
+    "smooth_series",
+    "write_ybroad",
+    "ybroad",
 ]

@@ -1,0 +1,211 @@
+"""``report.html``: one self-contained, interactive page of a bundle, readable anywhere without a server.
+
+The page shows the input and top-5 predictions; a layer-by-layer viewer (slider, play/pause, arrow keys,
+method selector, local/global toggle) with the current layer's name, type, native map size, parameters,
+raw range and ROAD; the ybROAD curve (click a point to jump to its layer, the best layer highlighted); the
+strip figure, FM-G-CAM panel and method comparison when the bundle has them; and the provenance.
+
+It is rendered from the bundle's manifest and the files it names (raw maps, input), never by running a
+model: frames are re-rendered from ``maps.npz`` exactly as the animation draws its tiles and embedded as
+WebP sprite sheets (:mod:`camanim.report.tiles`). Everything taken from the manifest is HTML-escaped
+(jinja2 autoescape), JSON embedded in ``<script>`` blocks has ``<``, ``>`` and ``&`` escaped, and a
+Content-Security-Policy allows only the page's own script and style and ``data:`` images: no request
+leaves the page.
+
+Example:
+    >>> from camanim.report import write_report
+    >>> write_report("camanim-out/chelsea")  # doctest: +SKIP
+    PosixPath('camanim-out/chelsea/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from camanim.report import tiles as T
+from camanim.report.notebook import animation_html, explanation_html, iframe, ybroad_html
+from camanim.report.sections import figures, provenance
+from camanim.report.source import Source, dig, from_bundle, sample_of
+from camanim.report.viewer import finite, viewer
+
+__all__ = [
+    "REPORT",
+    "Source",
+    "animation_html",
+    "explanation_html",
+    "iframe",
+    "render",
+    "render_report",
+    "write_report",
+    "ybroad_html",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT = "report.html"
+DEFAULT_QUALITY = 70
+
+
+def _asset(name: str) -> str:
+    return importlib.resources.files("camanim.report").joinpath(name).read_text(encoding="utf-8")
+
+
+def _script_json(obj: Any) -> str:
+    """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` can end the block or open a comment."""
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: int = DEFAULT_QUALITY) -> str:
+    """The report page of ``src`` as an HTML string.
+
+    Args:
+        src: what to show (:func:`camanim.report.source.from_bundle`, ``from_animation``...).
+        tile: longest side of a frame tile in pixels (default: the animation's tile size, at most 224).
+        fmt: frame encoding, ``"webp"`` (default), ``"jpeg"`` or ``"png"`` (lossless, large).
+        quality: lossy quality, 1-100.
+    """
+    import jinja2
+
+    import camanim
+
+    if fmt not in T.FORMATS:
+        raise ValueError(f"frame format must be one of {', '.join(T.FORMATS)}, got {fmt!r}")
+    m = src.manifest
+    data, sheets, why, stats = viewer(src, tile, fmt, quality)
+    sample = sample_of(m)
+    targets = m.get("targets") or []
+    target = next((t for t in targets if isinstance(t, Mapping) and t.get("sample") == sample), None)
+    if target is not None:  # every key the template reads, whatever the manifest holds
+        target = {
+            "name": str(target.get("name", "?")),
+            "class": target.get("class", "?"),
+            "probability": finite(target.get("probability")),
+            "score": str(target.get("score") or ""),
+        }
+    top5 = m.get("top5") or []
+    top5 = top5[sample] if len(top5) > sample and isinstance(top5[sample], list) else []
+    model = dig(m, "model", "name", default="model")
+    image = dig(m, "image", "source", default="")
+    image_label = Path(str(image).split("?")[0]).stem or str(image) or "image"
+    js, css = _asset("report.js"), _asset("report.css")
+    if "</script" in js.lower() or "</style" in css.lower():  # pragma: no cover - a packaging mistake
+        raise RuntimeError("report assets must not contain a closing script or style tag")
+    csp = (
+        f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    caption = ""
+    if data:
+        caption = (
+            f"{len(data['frames'])} layers in forward order, {len(data['methods'])} method"
+            f"{'s' if len(data['methods']) > 1 else ''}; each frame is the layer's map after ReLU, upsampled to "
+            f"the input and coloured over it ({stats['colormap']})."
+        )
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    page = env.from_string(_asset("template.html.j2"))
+    return page.render(
+        title=f"CAManim report: {model} · {image_label}",
+        subtitle=" · ".join(
+            s
+            for s in (
+                f"weights: {dig(m, 'model', 'weights', default='?')}",
+                f"target: {target['name']}" if target else "",
+                str(m.get("created") or ""),
+            )
+            if s
+        ),
+        version=camanim.__version__,
+        csp=csp,
+        css=_markup(css),
+        js=_markup(js),
+        input_uri=T.data_uri(T.encode(src.display, "jpeg", 90), "jpeg"),
+        image_caption=f"{image_label}, {src.display.shape[1]}x{src.display.shape[0]} as given to the model",
+        target=target,
+        top5=[
+            {
+                "class": r.get("class", "?"),
+                "name": str(r.get("name", "?")),
+                "probability": finite(r.get("probability")),
+            }
+            for r in top5
+            if isinstance(r, Mapping) and finite(r.get("probability")) is not None
+        ],
+        viewer=data is not None,
+        viewer_caption=caption,
+        no_viewer_reason=why,
+        data_json=_markup(_script_json(data)) if data else "",
+        frames_json=_markup(_script_json(sheets)) if sheets else "",
+        figures=figures(src),
+        provenance=provenance(src, stats),
+        origin=src.origin,
+    )
+
+
+def _markup(text: str) -> Any:
+    from markupsafe import Markup
+
+    return Markup(text)
+
+
+def render_report(
+    folder: str | os.PathLike[str],
+    *,
+    tile: int | None = None,
+    fmt: str = "webp",
+    quality: int = DEFAULT_QUALITY,
+) -> str:
+    """The report of the bundle at ``folder`` as an HTML string (see :func:`render`)."""
+    return render(from_bundle(folder), tile=tile, fmt=fmt, quality=quality)
+
+
+def write_report(
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    tile: int | None = None,
+    fmt: str = "webp",
+    quality: int = DEFAULT_QUALITY,
+) -> Path:
+    """Render the bundle at ``folder`` into ``out`` (default ``folder/report.html``), atomically.
+
+    Raises:
+        CamanimError: ``folder`` is not a bundle (no ``manifest.json``).
+    """
+    t0 = time.perf_counter()
+    text = render_report(folder, tile=tile, fmt=fmt, quality=quality)
+    path = Path(out) if out is not None else Path(folder) / REPORT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    logger.info("report: %s (%.1f MB, %.1f s)", path, path.stat().st_size / 1e6, time.perf_counter() - t0)
+    return path

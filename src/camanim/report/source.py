@@ -1,0 +1,213 @@
+"""Where a report's content comes from: a bundle folder (manifest first), or results still in memory.
+
+Both give the same :class:`Source`: the manifest (as written, or as it would be written), a reader of raw
+maps by ``"<method>/<layer>"`` key, the picture the model saw, and figure files by role. Nothing here runs a
+model.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from camanim.bundle import read_manifest, versions
+
+logger = logging.getLogger(__name__)
+
+MapReader = Callable[[str], "np.ndarray | None"]
+
+#: Figure roles and where a manifest names their file.
+FIGURES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "strip": (("animation", "strip", "file"),),
+    "fmgcam": (("fmgcam", "figure"),),
+    "compare": (("compare", "figure"),),
+    "ybroad": (("road", "files", "plot"),),
+    "params": (("animation", "params_plot"),),
+}
+
+
+@dataclass
+class Source:
+    """Everything a report is rendered from.
+
+    Attributes:
+        manifest: the bundle's manifest (see :mod:`camanim.bundle`, :func:`camanim.explanation.describe`).
+        maps: returns the raw map array ``(B, h, w)`` stored under ``"<method>/<layer>"``, or None.
+        display: the picture the model saw for the reported sample, ``(H, W, 3)`` uint8.
+        figures: per role (``strip``, ``fmgcam``, ``compare``, ``ybroad``, ``params``) the image file's bytes.
+        road_rows: ROAD per ``(method, layer name)`` read from ``ybroad.csv`` when the manifest lacks it.
+        origin: where the content came from (a folder, or "memory").
+    """
+
+    manifest: dict
+    maps: MapReader
+    display: np.ndarray
+    figures: dict[str, bytes] = field(default_factory=dict)
+    road_rows: dict[tuple[str, str], float] = field(default_factory=dict)
+    origin: str = "memory"
+
+
+def dig(d: Any, *keys: str, default: Any = None) -> Any:
+    """``d[k1][k2]...`` or ``default`` when any step is missing or not a mapping."""
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _inside(root: Path, rel: Any) -> Path | None:
+    """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root`` and is a file."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()) or not p.is_file():
+        return None
+    return p
+
+
+def _display_from_input(x: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+    """The picture ``(B, H, W, 3)`` uint8 recovered from the input tensor ``(B, C, H, W)``."""
+    x = np.asarray(x, np.float32)
+    if x.shape[1] == 3:
+        mean = np.asarray(dig(manifest, "model", "preprocessing", "mean", default=(0.0,) * 3), np.float32)
+        std = np.asarray(dig(manifest, "model", "preprocessing", "std", default=(1.0,) * 3), np.float32)
+        pixels = x * std[None, :, None, None] + mean[None, :, None, None]
+    else:  # not an RGB input: the channel mean, min-max scaled (as camanim.explanation.prepare_input)
+        grey = x.mean(axis=1, keepdims=True)
+        lo = grey.min(axis=(2, 3), keepdims=True)
+        pixels = np.repeat((grey - lo) / np.maximum(grey.max(axis=(2, 3), keepdims=True) - lo, 1e-12), 3, 1)
+    return (np.clip(pixels, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _read_road_csv(path: Path) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                out[(row["method"], row["name"])] = float(row["road"])
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
+def sample_of(manifest: Mapping[str, Any]) -> int:
+    """The sample the report shows: the animated one, else the first."""
+    s = dig(manifest, "animation", "sample", default=0)
+    return int(s) if isinstance(s, int) else 0
+
+
+def from_bundle(folder: str | Path) -> Source:
+    """Read a bundle: its manifest, then the files it names (maps, input, figures).
+
+    Raises:
+        CamanimError: ``folder`` has no ``manifest.json``.
+    """
+    root = Path(folder).expanduser().absolute()
+    manifest = read_manifest(root)
+    sample = sample_of(manifest)
+
+    maps_rel = dig(manifest, "maps", "file", default="maps.npz")
+    maps_path = _inside(root, maps_rel)
+    cache: dict[str, np.lib.npyio.NpzFile] = {}
+
+    def maps(key: str) -> np.ndarray | None:
+        if maps_path is None:
+            return None
+        if "z" not in cache:
+            cache["z"] = np.load(maps_path, allow_pickle=False)
+        z = cache["z"]
+        return z[key] if key in z.files else None
+
+    display = None
+    pngs = ["input.png"] if sample == 0 else []
+    pngs.append(f"input_s{sample}.png")
+    for rel in pngs:
+        p = _inside(root, rel)
+        if p is not None:
+            from PIL import Image
+
+            with Image.open(p) as img:
+                display = np.asarray(img.convert("RGB"))
+            break
+    if display is None:
+        p = _inside(root, dig(manifest, "input", "file", default="input.npy"))
+        if p is not None:
+            x = np.load(p, allow_pickle=False)
+            display = _display_from_input(x, manifest)[min(sample, x.shape[0] - 1)]
+    if display is None:
+        h, w = dig(manifest, "model", "preprocessing", "size", default=(224, 224))
+        display = np.zeros((int(h), int(w), 3), np.uint8)
+        logger.warning("%s has no input.png or input.npy: overlays are drawn on black", root)
+
+    figures = {}
+    for role, places in FIGURES.items():
+        for keys in places:
+            p = _inside(root, dig(manifest, *keys))
+            if p is not None:
+                figures[role] = p.read_bytes()
+                break
+    road_rows = {}
+    table = _inside(root, dig(manifest, "road", "files", "table"))
+    if table is not None and not dig(manifest, "road", "results"):
+        road_rows = _read_road_csv(table)
+    return Source(manifest, maps, display, figures, road_rows, origin=str(root))
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _memory_manifest(sections: Mapping[str, Any]) -> dict:
+    """A manifest as a bundle would record it (NaN as null), for results not written to disk."""
+    from camanim.bundle import _jsonable
+
+    manifest = {
+        "schema_version": None,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "command": "(in memory)",
+        **sections,
+    }
+    return json.loads(json.dumps(_jsonable(manifest), allow_nan=False))
+
+
+def _tensor_reader(maps: Mapping[str, Mapping[str, Any]]) -> MapReader:
+    def read(key: str) -> np.ndarray | None:
+        method, _, layer = key.partition("/")
+        t = maps.get(method, {}).get(layer)
+        return None if t is None else t.detach().float().cpu().numpy()
+
+    return read
+
+
+def from_animation(anim: Any, *, strip: bool = True) -> Source:
+    """An in-memory :class:`~camanim.animation.Animation` as a report source (nothing is written)."""
+    from camanim.explanation import describe
+
+    ex = anim.explanation
+    sections = describe(ex) | {"animation": anim.describe()}
+    figures = {"strip": _png_bytes(anim.strip().image)} if strip else {}
+    return Source(
+        _memory_manifest(sections), _tensor_reader(ex.maps), np.asarray(ex.display[anim.sample]), figures
+    )
+
+
+def from_explanation(ex: Any, sample: int = 0) -> Source:
+    """An in-memory :class:`~camanim.explanation.Explanation` as a report source."""
+    from camanim.explanation import describe
+
+    return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), np.asarray(ex.display[sample]))

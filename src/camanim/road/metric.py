@@ -1,0 +1,724 @@
+"""ROAD (Remove And Debias, Rong et al. 2022) of saliency maps: a pure function and a stateful metric.
+
+Definitions (recorded in bundles' manifests as :data:`DEFINITION`):
+
+* **p** is the fraction of pixels removed, in both orders: MoRF (most relevant first) removes the
+  ``k = round(p * H * W)`` most relevant pixels, LeRF (least relevant first) the ``k`` least relevant.
+  Default p in {20, 40, 60, 80} %.
+* **Ordering**: pixels are ranked by the map (already ReLU'd and upsampled to the input size, e.g.
+  :meth:`camanim.explanation.Explanation.upsampled`). Ties are broken by a seeded random key, compared only
+  between equal map values (a lexicographic sort on ``(map value, key)``: the limit of a vanishing jitter).
+  A flat or mostly zero map therefore still removes exactly ``k`` pixels, and distinct map values are never
+  reordered. grad-cam has no tie-break: it thresholds at ``np.percentile`` with ``<``, so on a map that is
+  85 % zeros it removes every pixel whatever p is asked, and early layers often give such maps.
+* **Imputation**: noisy linear imputation (:mod:`camanim.road.imputers`): each removed pixel becomes the
+  weighted mean of its in-bounds 8 neighbours (1/6 direct, 1/12 diagonal), solved jointly, plus Gaussian
+  noise (sigma = the imputer's ``noise``, 0.01 by default) on removed pixels. With ``preprocessing`` given it
+  runs in [0, 1] pixel space (``denormalize``, impute, ``normalize``; nothing is clipped), as in the ROAD
+  paper; without, in the space of the tensor given. Without noise the two agree (the imputation commutes
+  with a per-channel affine map); with noise they differ by the noise scale (grad-cam imputes in the
+  model-normalised space, where sigma = 0.01 is about 0.0023 in pixel units).
+* **Noise** is drawn from a generator seeded by ``(seed, digest of the mask)``: the same mask gives the same
+  perturbed image whatever the batching, order or layer, so layers with identical masks share one
+  imputation and one forward, and an interrupted run resumes to the same numbers.
+* **Score** of one perturbation: the target's softmax probability on the perturbed image minus on the
+  original. The clean forward is done once per image.
+* **ROAD** = mean over p of (LeRF_p - MoRF_p) / 2; higher is better. On the symmetric default set this
+  equals grad-cam's ``ROADCombined(percentiles=[20, 40, 60, 80])`` (grad-cam's percentile ``q`` *keeps* q %,
+  i.e. removes 1 - q, and the set is symmetric). The CAManim paper writes a sum over p, but its Table 2
+  values (<= 0.5) match the mean, which we use.
+
+Example:
+    >>> import torch
+    >>> from camanim.road import road_scores
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+    ...                             torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    >>> x = torch.rand(3, 32, 32)
+    >>> s = road_scores(model, x, torch.rand(2, 32, 32), target_class=1)
+    >>> s.road.shape, s.morf.shape
+    ((2,), (2, 4))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from camanim.capture import frozen_eval
+from camanim.errors import CamanimError
+
+__all__ = [
+    "DEFAULT_PERCENTAGES",
+    "DEFINITION",
+    "ROAD",
+    "RoadError",
+    "RoadScores",
+    "removal_masks",
+    "removal_order",
+    "road_scores",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PERCENTAGES: tuple[float, ...] = (20.0, 40.0, 60.0, 80.0)
+
+#: How the numbers are defined; recorded in bundles' manifests.
+DEFINITION: dict[str, str] = {
+    "metric": "ROAD, Remove And Debias (Rong et al., ICML 2022)",
+    "p": "fraction of pixels removed, k = round(p * H * W), in both orders: MoRF removes the k most "
+    "relevant pixels, LeRF the k least relevant",
+    "ordering": "pixels ranked by the map after ReLU, bilinearly upsampled to the input size; ties broken by "
+    "a seeded random key compared only between equal values (lexicographic), so exactly k pixels are "
+    "removed even from a flat map; grad-cam has no tie-break (np.percentile threshold with '<')",
+    "imputation": "noisy linear imputation: each removed pixel = weighted mean of its in-bounds 8 neighbours "
+    "(1/6 direct, 1/12 diagonal), one joint sparse SPD system per mask, plus N(0, sigma^2) noise on removed "
+    "pixels, sigma = the imputer's noise",
+    "imputation_space": "pixel: [0, 1] pixels (denormalize, impute, normalize, no clipping) as in the ROAD "
+    "paper; model: the normalised model input, as grad-cam does (same result without noise)",
+    "noise_seed": "noise drawn from a generator seeded by (seed, digest of the mask): identical masks give "
+    "identical perturbed images, shared across layers",
+    "score": "softmax probability of the target class on the perturbed image minus on the original",
+    "forwards": "clean image once; each unique perturbed image once, in batches, eval mode, inference mode, on "
+    "the model's device; on the CPU through a private channels-last copy with Conv-BN folded, checked to "
+    "match the model within 1e-4 on the clean image",
+    "road": "mean over p of (LeRF_p - MoRF_p) / 2, higher is better; equals grad-cam's "
+    "ROADCombined(percentiles=[20, 40, 60, 80]); the CAManim paper writes a sum over p but its Table 2 "
+    "values match the mean",
+}
+
+MapsLike = Tensor | np.ndarray | Mapping[Any, Tensor | np.ndarray] | Sequence[Tensor | np.ndarray]
+ProgressCallback = Callable[[int, int], None]
+
+
+class RoadError(CamanimError, ValueError):
+    """Inputs of the wrong shape or values out of range for ROAD."""
+
+
+@dataclass(frozen=True)
+class RoadScores:
+    """ROAD of one or more maps of one image (or averaged over images by :class:`ROAD`).
+
+    Attributes:
+        keys: one key per map: layer names for a mapping, positions ``0..L-1`` for a stack.
+        percentages: p values in percent, ``(P,)``.
+        morf: ``(L, P)`` score (probability change) after removing the most relevant p.
+        lerf: ``(L, P)`` score after removing the least relevant p.
+        removed: ``(P,)`` fraction of pixels actually removed, ``round(p * H * W) / (H * W)``.
+        clean_probability: the target's softmax probability on the original image (mean over images).
+        target: the target class (``None`` when averaged over images with different targets).
+        images: number of images averaged.
+        stats: counts and seconds of the computation (masks, unique masks, forwards, imputation time...).
+    """
+
+    keys: tuple[Any, ...]
+    percentages: tuple[float, ...]
+    morf: np.ndarray = field(repr=False)
+    lerf: np.ndarray = field(repr=False)
+    removed: np.ndarray = field(repr=False)
+    clean_probability: float = float("nan")
+    target: int | None = None
+    images: int = 1
+    stats: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def road(self) -> np.ndarray:
+        """``(L,)`` ROAD per map: mean over p of (LeRF_p - MoRF_p) / 2."""
+        return ((self.lerf - self.morf) / 2).mean(axis=1)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, key: Any) -> float:
+        """ROAD of the map with key ``key``."""
+        try:
+            i = self.keys.index(key)
+        except ValueError:
+            from camanim.errors import UnknownNameError
+
+            raise UnknownNameError("map", str(key), [str(k) for k in self.keys]) from None
+        return float(self.road[i])
+
+    def as_dict(self) -> dict[Any, float]:
+        """``{key: ROAD}``."""
+        return {k: float(v) for k, v in zip(self.keys, self.road, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Orderings and masks.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _tie_keys(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([int(seed), n, 0x70AD]).random(n)
+
+
+def removal_order(saliency: Tensor | np.ndarray, seed: int = 0) -> np.ndarray:
+    """Pixel indices (row-major) from least to most relevant, ties broken by a seeded random key.
+
+    Args:
+        saliency: ``(H, W)`` map at input resolution.
+        seed: seed of the tie-break keys (the same keys for every map of that size).
+
+    Returns:
+        ``(H * W,)`` int64 permutation.
+    """
+    m = saliency.detach().cpu().numpy() if isinstance(saliency, Tensor) else np.asarray(saliency)
+    flat = np.nan_to_num(m.astype(np.float64, copy=False).ravel(), nan=0.0)
+    return np.lexsort((_tie_keys(flat.size, seed), flat))
+
+
+def _counts(n: int, percentages: Sequence[float]) -> list[int]:
+    return [int(round(p / 100.0 * n)) for p in percentages]
+
+
+def removal_masks(
+    saliency: Tensor | np.ndarray, percentages: Sequence[float] = DEFAULT_PERCENTAGES, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The MoRF and LeRF masks of a map.
+
+    Args:
+        saliency: ``(H, W)`` map at input resolution.
+        percentages: p values in percent.
+        seed: tie-break seed.
+
+    Returns:
+        ``(morf, lerf)``, each ``(P, H, W)`` bool, ``True`` = removed; each removes ``round(p * H * W)``
+        pixels exactly.
+    """
+    h, w = saliency.shape[-2:]
+    order = removal_order(saliency, seed)
+    morf = np.zeros((len(percentages), h * w), dtype=bool)
+    lerf = np.zeros_like(morf)
+    for i, k in enumerate(_counts(h * w, percentages)):
+        if k:
+            morf[i, order[-k:]] = True
+            lerf[i, order[:k]] = True
+    return torch.from_numpy(morf.reshape(-1, h, w)), torch.from_numpy(lerf.reshape(-1, h, w))
+
+
+def _check_percentages(percentages: Sequence[float]) -> tuple[float, ...]:
+    try:
+        ps = tuple(float(p) for p in percentages)
+    except (TypeError, ValueError):
+        raise RoadError(f"percentages must be numbers in (0, 100], got {percentages!r}") from None
+    if not ps or any(not (0 < p <= 100) or not math.isfinite(p) for p in ps):
+        raise RoadError(f"percentages must be numbers in (0, 100], got {percentages!r}")
+    return ps
+
+
+# --------------------------------------------------------------------------------------------------------
+# The shared maths.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _mask_digest(mask: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(mask.shape).encode())
+    h.update(np.packbits(mask).tobytes())
+    return h.digest()
+
+
+def _noise_generator(seed: int, digest: bytes) -> torch.Generator:
+    h = hashlib.blake2b(f"road-noise/{int(seed)}/".encode() + digest, digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+#: Largest change of a softmax probability accepted from the optimised copy (checked on the clean image).
+OPTIMIZE_ATOL = 1e-4
+
+
+def _forward_copy(model: nn.Module, optimize: bool | None, example: Tensor) -> tuple[nn.Module, bool]:
+    """The module to run the perturbed forwards with, and whether inputs go channels-last.
+
+    On the CPU a private inference copy is faster than the model as given: channels-last memory lets
+    oneDNN's convolutions run about 1.5x faster, and folding each BatchNorm into the convolution before it
+    (``torch.fx``, where the model traces) saves about 1.25x more on ResNet-50. The user's model is never
+    changed. The copy must give the model's softmax on ``example`` (1, C, H, W) within
+    :data:`OPTIMIZE_ATOL`; otherwise, or when it cannot be built, the model runs as it is.
+
+    Args:
+        model: the user's model.
+        optimize: ``None`` = auto (CPU models with a ``Conv2d``), or force on/off.
+        example: one input, for the check.
+    """
+    if optimize is None:
+        optimize = _device(model).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if not optimize:
+        return model, False
+    import copy
+
+    try:
+        twin = copy.deepcopy(model).eval()
+        for p in twin.parameters():
+            p.requires_grad_(False)
+    except Exception as exc:  # any model-specific failure: run the model as it is
+        log.debug("no private copy of the model (%s): running it as it is", exc)
+        return model, False
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        twin = fuse(twin, inplace=True)
+    except Exception as exc:  # not traceable by torch.fx: keep the unfused copy
+        log.debug("no Conv-BN folding (%s)", exc)
+    twin = twin.to(memory_format=torch.channels_last)
+    device = _device(model)
+    with frozen_eval(model), torch.inference_mode():
+        ref = model(example.to(device)).double().softmax(dim=1)
+        got = twin(example.to(device).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1)
+    err = float((ref - got).abs().max()) if ref.shape == got.shape else float("inf")
+    if not err <= OPTIMIZE_ATOL:
+        log.info(
+            "the optimised copy of the model differs by %.2g on the image: running the model as it is", err
+        )
+        return model, False
+    return twin, True
+
+
+def _probabilities(
+    model: nn.Module, x: Tensor, target: int, batch_size: int, channels_last: bool = False
+) -> Tensor:
+    """Softmax probability of ``target`` for every image of ``x`` ``(N, C, H, W)``; ``(N,)`` float64 CPU."""
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        logits = model(xb)
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise RoadError(
+                f"the model must return (B, K) logits, got {getattr(logits, 'shape', type(logits))}"
+            )
+        if not 0 <= target < logits.shape[1]:
+            raise RoadError(f"target class {target} is out of range for {logits.shape[1]} outputs")
+        out.append(logits.double().softmax(dim=1)[:, target].cpu())
+    return torch.cat(out)
+
+
+def _as_image(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise RoadError(f"the image must be a tensor, got {type(x).__name__}")
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise RoadError(f"road_scores takes one image (C, H, W) or (1, C, H, W), got {tuple(x.shape)}")
+    return x.detach().float()
+
+
+def _as_maps(maps: MapsLike, hw: tuple[int, int]) -> tuple[tuple[Any, ...], list[Tensor]]:
+    """Keys and ``(H, W)`` float maps from a stack, a sequence or a mapping."""
+
+    def one(m: Tensor | np.ndarray) -> Tensor:
+        t = m if isinstance(m, Tensor) else torch.from_numpy(np.asarray(m))
+        t = t.detach()
+        while t.ndim > 2 and t.shape[0] == 1:
+            t = t[0]
+        if tuple(t.shape) != hw:
+            raise RoadError(
+                f"a map must be (H, W) = {hw} (upsampled to the input size), got {tuple(m.shape)}"
+            )
+        return t.float().cpu()
+
+    if isinstance(maps, Mapping):
+        keys = tuple(maps)
+        return keys, [one(maps[k]) for k in keys]
+    if isinstance(maps, (Tensor, np.ndarray)):
+        if maps.ndim == 2:
+            return (0,), [one(maps)]
+        if maps.ndim != 3:
+            raise RoadError(f"maps must be (H, W) or (L, H, W), got {tuple(maps.shape)}")
+        return tuple(range(maps.shape[0])), [one(m) for m in maps]
+    items = list(maps)
+    return tuple(range(len(items))), [one(m) for m in items]
+
+
+def _road_core(
+    model: nn.Module,
+    x: Tensor,
+    maps: Sequence[Tensor],
+    target: int,
+    *,
+    percentages: tuple[float, ...],
+    imputer: Any,
+    preprocessing: Any,
+    seed: int,
+    batch_size: int,
+    clean_probability: float | None,
+    on_layers: Callable[[list[int], np.ndarray, np.ndarray], None] | None = None,
+    progress: ProgressCallback | None = None,
+    channels_last: bool = False,
+    overlap: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict[str, float]]:
+    """MoRF and LeRF scores of every map of one image; the maths behind :func:`road_scores` and :class:`ROAD`.
+
+    Masks are built layer by layer and deduplicated by digest; each unique mask is imputed once, gets its
+    own seeded noise and is forwarded once, in batches of ``batch_size``. ``on_layers(positions, morf,
+    lerf)`` is called as soon as maps are complete (``morf``/``lerf`` ``(n, P)`` rows of those positions).
+
+    Returns:
+        ``(morf (L, P), lerf (L, P), removed (P,), clean probability, stats)``.
+    """
+    if batch_size < 1:
+        raise RoadError(f"batch_size must be at least 1, got {batch_size}")
+    t_start = time.perf_counter()
+    device = _device(model)
+    c, h, w = x.shape
+    n_pix = h * w
+    ks = _counts(n_pix, percentages)
+    n_p = len(ks)
+    stats = dict.fromkeys(
+        ("masks", "unique_masks", "forwards", "t_order", "t_impute", "t_forward", "t_clean"), 0.0
+    )
+    with frozen_eval(model), torch.inference_mode():
+        t = time.perf_counter()
+        if clean_probability is None:
+            clean_probability = float(_probabilities(model, x[None].to(device), target, 1, channels_last)[0])
+        stats["t_clean"] = time.perf_counter() - t
+        base = x.to(device)
+        pixels = preprocessing.denormalize(base) if preprocessing is not None else base
+        use_clean = hasattr(imputer, "impute_clean") and hasattr(imputer, "noise")
+        sigma = float(getattr(imputer, "noise", 0.0))
+
+        scores: dict[bytes, float] = {}
+        pending: dict[bytes, np.ndarray] = {}
+        layer_keys: list[list[bytes]] = []
+        emitted = np.zeros(len(maps), dtype=bool)
+        morf = np.full((len(maps), n_p), np.nan)
+        lerf = np.full((len(maps), n_p), np.nan)
+        n_done = 0
+
+        queued: set[bytes] = set()  # digests sent to imputation (scored or in flight)
+        in_flight: list[tuple[list[bytes], Any]] = []  # (digests, future or tensor of perturbed images)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="camanim-road") if overlap else None
+
+        def perturb(digests: list[bytes], masks: Tensor) -> Tensor:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if use_clean:
+                    imputed = imputer.impute_clean(pixels.expand(len(digests), -1, -1, -1), masks)
+                    if sigma > 0:
+                        noise = torch.stack(
+                            [torch.randn((c, h, w), generator=_noise_generator(seed, d)) for d in digests]
+                        ).to(device=device, dtype=imputed.dtype)
+                        imputed = imputed + sigma * noise * masks.unsqueeze(1)
+                else:
+                    imputed = torch.stack(
+                        [
+                            imputer.impute_one(pixels, masks[i], generator=_noise_generator(seed, d))
+                            for i, d in enumerate(digests)
+                        ]
+                    )
+                out = preprocessing.normalize(imputed) if preprocessing is not None else imputed
+            stats["t_impute"] += time.perf_counter() - t0
+            return out.to(device, base.dtype)
+
+        def forward_one() -> None:
+            digests, job = in_flight.pop(0)
+            perturbed = job.result() if pool is not None else job
+            t1 = time.perf_counter()
+            probs = _probabilities(model, perturbed, target, batch_size, channels_last)
+            stats["t_forward"] += time.perf_counter() - t1
+            stats["forwards"] += len(digests)
+            for d, p in zip(digests, probs.tolist(), strict=True):
+                scores[d] = p - clean_probability
+
+        def flush(final: bool = False) -> None:
+            if pending:
+                digests = list(pending)
+                masks = torch.from_numpy(np.stack([pending[d] for d in digests]).reshape(-1, h, w)).to(device)
+                pending.clear()
+                if pool is not None:  # impute this batch while the previous one is forwarded
+                    in_flight.append((digests, pool.submit(perturb, digests, masks)))
+                else:
+                    in_flight.append((digests, perturb(digests, masks)))
+            while len(in_flight) > (0 if final or pool is None else 1):
+                forward_one()
+
+        def emit() -> None:
+            nonlocal n_done
+            ready = [
+                i
+                for i, keys in enumerate(layer_keys)
+                if not emitted[i] and all(k is None or k in scores for k in keys)
+            ]
+            if not ready:
+                return
+            for i in ready:
+                vals = [0.0 if k is None else scores[k] for k in layer_keys[i]]
+                morf[i], lerf[i] = vals[:n_p], vals[n_p:]
+                emitted[i] = True
+            n_done += len(ready)
+            if on_layers is not None:
+                on_layers(ready, morf[ready], lerf[ready])
+            if progress is not None:
+                progress(n_done, len(maps))
+
+        try:
+            for m in maps:
+                t = time.perf_counter()
+                order = removal_order(m, seed)
+                keys: list[bytes | None] = []
+                for from_top in (True, False):
+                    for k in ks:
+                        if k == 0:  # nothing removed: the perturbed image is the original
+                            keys.append(None)
+                            continue
+                        mask = np.zeros(n_pix, dtype=bool)
+                        mask[order[-k:] if from_top else order[:k]] = True
+                        d = _mask_digest(mask)
+                        stats["masks"] += 1
+                        if d not in queued:
+                            pending[d] = mask
+                            queued.add(d)
+                            stats["unique_masks"] += 1
+                        keys.append(d)
+                layer_keys.append(keys)
+                stats["t_order"] += time.perf_counter() - t
+                if len(pending) >= batch_size:
+                    flush()
+                    emit()
+            flush(final=True)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        emit()
+    stats["t_total"] = time.perf_counter() - t_start
+    removed = np.array([k / n_pix for k in ks])
+    return morf, lerf, removed, float(clean_probability), stats
+
+
+def _default_imputer(imputer: Any) -> Any:
+    if imputer is None:
+        from camanim.road.imputers import NoisyLinearImputer
+
+        return NoisyLinearImputer()
+    if isinstance(imputer, str):
+        from camanim.road.imputers import get_imputer
+
+        return get_imputer(imputer)
+    return imputer
+
+
+def road_scores(
+    model: nn.Module,
+    x: Tensor,
+    maps: MapsLike,
+    target_class: int,
+    *,
+    percentages: Sequence[float] = DEFAULT_PERCENTAGES,
+    imputer: Any = None,
+    preprocessing: Any = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    clean_probability: float | None = None,
+    progress: ProgressCallback | None = None,
+    optimize: bool | None = None,
+) -> RoadScores:
+    """ROAD of each map of one image (definitions in the module docstring).
+
+    The model runs in eval mode under ``torch.inference_mode`` on its own device; its flags are restored.
+    On the CPU the perturbed forwards run on a private inference copy of a convolutional model
+    (channels-last, Conv-BN folded; about 1.9x faster on ResNet-50), checked against the model on ``x``.
+
+    Args:
+        model: a classifier returning ``(B, K)`` logits.
+        x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
+        maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence of ``(H, W)`` maps, or a mapping from a
+            key (a layer name) to ``(H, W)`` (or ``(1, H, W)``); already ReLU'd and upsampled to the input
+            size, e.g. ``Explanation.upsampled(method, layer)[0]``.
+        target_class: the class whose softmax probability is scored.
+        percentages: p values in percent, fractions of pixels removed.
+        imputer: an imputer of :mod:`camanim.road.imputers` (or its name); default
+            ``NoisyLinearImputer()`` (noise 0.01).
+        preprocessing: a :class:`~camanim.models.Preprocessing` to impute in [0, 1] pixel space
+            (``denormalize`` -> impute -> ``normalize``); ``None`` imputes in the space of ``x``.
+        seed: seed of the tie-break and of the noise.
+        batch_size: perturbed images per forward (and per imputation call).
+        clean_probability: the target's probability on ``x`` when already known (skips one forward).
+        progress: called with ``(maps done, maps total)``.
+        optimize: run the forwards on an optimised private copy of the model (see above); ``None`` = on the
+            CPU for models with a ``Conv2d``.
+
+    Returns:
+        A :class:`RoadScores`; ``.road`` holds one ROAD per map.
+    """
+    ps = _check_percentages(percentages)
+    img = _as_image(x)
+    net, cl = _forward_copy(model, optimize, img[None])
+    return _road_scores(
+        net, cl, x, maps, target_class, ps, _default_imputer(imputer), preprocessing, seed, batch_size,
+        clean_probability, progress,
+    )  # fmt: skip
+
+
+def _road_scores(
+    net: nn.Module,
+    channels_last: bool,
+    x: Tensor,
+    maps: MapsLike,
+    target_class: int,
+    ps: tuple[float, ...],
+    imputer: Any,
+    preprocessing: Any,
+    seed: int,
+    batch_size: int,
+    clean_probability: float | None = None,
+    progress: ProgressCallback | None = None,
+) -> RoadScores:
+    img = _as_image(x)
+    keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
+    morf, lerf, removed, clean, stats = _road_core(
+        net,
+        img,
+        stack,
+        int(target_class),
+        percentages=ps,
+        imputer=imputer,
+        preprocessing=preprocessing,
+        seed=seed,
+        batch_size=batch_size,
+        clean_probability=clean_probability,
+        progress=progress,
+        channels_last=channels_last,
+    )
+    return RoadScores(keys, ps, morf, lerf, removed, clean, int(target_class), 1, stats)
+
+
+class ROAD:
+    """ROAD as a stateful metric (torchmetrics style): :meth:`update` with batches, :meth:`compute` the mean.
+
+    Shares :func:`road_scores`' maths. Each image's maps are scored with that image's target; the result
+    averages MoRF and LeRF scores (hence ROAD) over every image seen, per map key.
+
+    Args:
+        model: the classifier.
+        percentages, imputer, preprocessing, seed, batch_size, optimize: as in :func:`road_scores`.
+
+    Example:
+        >>> metric = ROAD(model)  # doctest: +SKIP
+        >>> metric.update(images, maps, targets)  # images (B, C, H, W), maps (B, H, W)  # doctest: +SKIP
+        >>> metric.compute().road  # doctest: +SKIP
+    """
+
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        percentages: Sequence[float] = DEFAULT_PERCENTAGES,
+        imputer: Any = None,
+        preprocessing: Any = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        optimize: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.optimize = optimize
+        self.percentages = _check_percentages(percentages)
+        self.imputer = _default_imputer(imputer)
+        self.preprocessing = preprocessing
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every image seen."""
+        self._keys: tuple[Any, ...] | None = None
+        self._morf: np.ndarray | None = None
+        self._lerf: np.ndarray | None = None
+        self._removed: np.ndarray | None = None
+        self._clean = 0.0
+        self._targets: set[int] = set()
+        self._count = 0
+
+    def update(
+        self,
+        images: Tensor,
+        maps: MapsLike,
+        targets: int | Sequence[int] | Tensor,
+    ) -> None:
+        """Score a batch.
+
+        Args:
+            images: ``(B, C, H, W)`` or one ``(C, H, W)`` image.
+            maps: ``(B, H, W)`` one map per image; ``(B, L, H, W)`` L maps per image; or a mapping from a
+                key to ``(B, H, W)``. For a single ``(C, H, W)`` image, anything :func:`road_scores` takes.
+            targets: one class for all images, or one per image.
+
+        Raises:
+            RoadError: shapes that do not fit, or maps with other keys than earlier updates.
+        """
+        if images.ndim == 3:
+            per_image: list[MapsLike] = [maps]
+            images = images[None]
+        else:
+            b = images.shape[0]
+            if isinstance(maps, Mapping):
+                per_image = [{k: v[i] for k, v in maps.items()} for i in range(b)]
+            else:
+                t = maps if isinstance(maps, Tensor) else torch.as_tensor(np.asarray(maps))
+                if t.ndim not in (3, 4) or t.shape[0] != b:
+                    raise RoadError(
+                        f"maps must be (B, H, W) or (B, L, H, W) for B = {b} images, got {tuple(t.shape)}"
+                    )
+                per_image = [t[i] for i in range(b)]
+        if isinstance(targets, Tensor):
+            targets = targets.tolist()
+        tlist = [int(targets)] * images.shape[0] if isinstance(targets, int) else [int(t) for t in targets]
+        if len(tlist) != images.shape[0]:
+            raise RoadError(f"{len(tlist)} targets for {images.shape[0]} images")
+        net, cl = _forward_copy(self.model, self.optimize, images[:1].float())
+        for img, m, tgt in zip(images, per_image, tlist, strict=True):
+            s = _road_scores(
+                net, cl, img, m, tgt, self.percentages, self.imputer, self.preprocessing, self.seed,
+                self.batch_size,
+            )  # fmt: skip
+            if self._keys is None:
+                self._keys, self._removed = s.keys, s.removed
+                self._morf, self._lerf = np.zeros_like(s.morf), np.zeros_like(s.lerf)
+            elif s.keys != self._keys or not np.array_equal(s.removed, self._removed):
+                raise RoadError(f"maps keyed {s.keys} after earlier updates keyed {self._keys}")
+            self._morf += s.morf
+            self._lerf += s.lerf
+            self._clean += s.clean_probability
+            self._targets.add(tgt)
+            self._count += 1
+
+    def compute(self) -> RoadScores:
+        """Mean scores over every image seen.
+
+        Raises:
+            RoadError: nothing was seen since construction or :meth:`reset`.
+        """
+        if not self._count or self._keys is None:
+            raise RoadError("ROAD.compute() before any update")
+        n = self._count
+        target = next(iter(self._targets)) if len(self._targets) == 1 else None
+        return RoadScores(
+            self._keys,
+            self.percentages,
+            self._morf / n,
+            self._lerf / n,
+            self._removed,
+            self._clean / n,
+            target,
+            n,
+        )

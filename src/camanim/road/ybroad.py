@@ -1,0 +1,716 @@
+"""ybROAD (CAManim, Kaczmarek et al. 2024): the ROAD of every layer's map, in forward order.
+
+One :func:`camanim.explanation.explain` call gives every chosen layer's map for every method; each map
+(ReLU'd, upsampled to the input size) is scored with ROAD (:mod:`camanim.road.metric`, whose docstring
+holds the definitions). All methods' and layers' perturbations go through one deduplicated, batched
+pipeline: identical masks (layers with alike maps) are imputed and forwarded once.
+
+Per method the result reports the series, its mean ("mean layer-wise ROAD"), its maximum ("ybROAD") and
+the arg-max layer (the layer whose map best explains the prediction), the final spatial layer's ROAD (the
+usual choice of layer) and max - final (Table 2 of the paper). A moving average (the paper suggests one)
+is drawn in the plot only, never used for the reported numbers.
+
+Example:
+    >>> from camanim.road import ybroad
+    >>> res = ybroad("efficientnet_lite0", "chelsea", methods="gradcam")  # doctest: +SKIP
+    >>> res["gradcam"].best_layer.name, res["gradcam"].max, res["gradcam"].final  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from camanim.bundle import Bundle, open_bundle
+from camanim.capture import frozen_eval
+from camanim.layers import Layer, LayerSpec
+from camanim.road.metric import (
+    DEFAULT_PERCENTAGES,
+    DEFINITION,
+    ProgressCallback,
+    RoadError,
+    _check_percentages,
+    _default_imputer,
+    _device,
+    _forward_copy,
+    _probabilities,
+    _road_core,
+)
+
+__all__ = [
+    "CHECKPOINT",
+    "SMOOTH_WINDOW",
+    "YbRoad",
+    "YbRoadResult",
+    "best_layer",
+    "save_ybroad",
+    "smooth_series",
+    "write_ybroad",
+    "ybroad",
+]
+
+log = logging.getLogger(__name__)
+
+#: Finished layers of an interrupted run, kept in the bundle's staging folder (removed on success).
+CHECKPOINT = ".ybroad-checkpoint.json"
+#: Default moving-average window of the plot's smoothed curve (layers).
+SMOOTH_WINDOW = 5
+SPACES = ("pixel", "model")
+
+
+def smooth_series(values: Sequence[float] | np.ndarray, window: int = SMOOTH_WINDOW) -> np.ndarray:
+    """Centred moving average; the window shrinks at the ends (no padding). NaNs are ignored.
+
+    Args:
+        values: ``(L,)`` series.
+        window: number of layers averaged (odd values centre exactly); ``<= 1`` returns a copy.
+
+    Returns:
+        ``(L,)`` float64.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or v.size == 0:
+        return v.copy()
+    half_lo, half_hi = (window - 1) // 2, window // 2
+    ok = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    ccnt = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(v.size)
+    lo, hi = np.maximum(idx - half_lo, 0), np.minimum(idx + half_hi + 1, v.size)
+    cnt = ccnt[hi] - ccnt[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, (csum[hi] - csum[lo]) / np.maximum(cnt, 1), np.nan)
+
+
+@dataclass(frozen=True)
+class YbRoad:
+    """ybROAD of one method: ROAD of every kept layer in forward order.
+
+    Attributes:
+        method: the CAM method.
+        layers: the scored layers, in forward order.
+        percentages: p values in percent, ``(P,)``.
+        morf: ``(L, P)`` MoRF scores (probability change after removing the most relevant p).
+        lerf: ``(L, P)`` LeRF scores.
+        removed: ``(P,)`` fraction of pixels actually removed.
+    """
+
+    method: str
+    layers: tuple[Layer, ...] = field(repr=False)
+    percentages: tuple[float, ...]
+    morf: np.ndarray = field(repr=False)
+    lerf: np.ndarray = field(repr=False)
+    removed: np.ndarray = field(repr=False)
+
+    @property
+    def road(self) -> np.ndarray:
+        """``(L,)`` ROAD per layer: mean over p of (LeRF_p - MoRF_p) / 2."""
+        return ((self.lerf - self.morf) / 2).mean(axis=1)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mean(self) -> float:
+        """Mean layer-wise ROAD."""
+        return float(np.mean(self.road))
+
+    @property
+    def max(self) -> float:
+        """Max ybROAD: the largest layer ROAD."""
+        return float(np.max(self.road))
+
+    @property
+    def best_position(self) -> int:
+        """Position (in :attr:`layers`) of the first layer reaching :attr:`max`."""
+        return int(np.argmax(self.road))
+
+    @property
+    def best_layer(self) -> Layer:
+        """The layer whose map scores the highest ROAD."""
+        return self.layers[self.best_position]
+
+    @property
+    def final_position(self) -> int:
+        """Position of the final spatial layer among the scored layers (the usual single-layer choice)."""
+        spatial = [i for i, layer in enumerate(self.layers) if layer.is_spatial]
+        return spatial[-1] if spatial else len(self.layers) - 1
+
+    @property
+    def final_layer(self) -> Layer:
+        """The final spatial layer scored."""
+        return self.layers[self.final_position]
+
+    @property
+    def final(self) -> float:
+        """ROAD of the final spatial layer."""
+        return float(self.road[self.final_position])
+
+    @property
+    def difference(self) -> float:
+        """Max ybROAD minus the final layer's ROAD (Table 2's last column); >= 0."""
+        return self.max - self.final
+
+    def smoothed(self, window: int = SMOOTH_WINDOW) -> np.ndarray:
+        """The series after a centred moving average (for plots only)."""
+        return smooth_series(self.road, window)
+
+    def summary(self) -> dict[str, Any]:
+        """The reported numbers, JSON-ready."""
+        best, final = self.best_layer, self.final_layer
+        return {
+            "layers": len(self),
+            "mean_layerwise_road": self.mean,
+            "max_ybroad": self.max,
+            "best_layer": {"position": self.best_position, "index": best.index, "name": best.name},
+            "final_layer": {
+                "position": self.final_position,
+                "index": final.index,
+                "name": final.name,
+                "road": self.final,
+            },
+            "difference": self.difference,
+        }
+
+    def as_dict(self) -> dict[str, float]:
+        """``{layer name: ROAD}`` in forward order."""
+        return {layer.name: float(v) for layer, v in zip(self.layers, self.road, strict=True)}
+
+
+@dataclass(frozen=True)
+class YbRoadResult:
+    """ybROAD of one image for one or more methods, from one capture.
+
+    Attributes:
+        explanation: the :class:`~camanim.explanation.Explanation` whose maps were scored.
+        results: per method, its :class:`YbRoad`.
+        target: the explained and scored class; ``target_name`` its name.
+        clean_probability: the target's softmax probability on the original image.
+        percentages: p values in percent.
+        seed: tie-break and noise seed.
+        imputer: description of the imputer (its ``repr``).
+        imputation_space: ``"pixel"`` or ``"model"``.
+        resumed: number of (method, layer) scores taken from an interrupted run's checkpoint.
+        stats: mask counts (total, unique, forwards) of this run.
+        timings: seconds per stage.
+    """
+
+    explanation: Any = field(repr=False)
+    results: Mapping[str, YbRoad]
+    target: int
+    target_name: str
+    clean_probability: float
+    percentages: tuple[float, ...]
+    seed: int
+    imputer: str
+    imputation_space: str
+    resumed: int = 0
+    stats: dict[str, float] = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, method: str) -> YbRoad:
+        if method not in self.results:
+            from camanim.errors import UnknownNameError
+
+            raise UnknownNameError("method", method, list(self.results))
+        return self.results[method]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Method names, in the order asked."""
+        return tuple(self.results)
+
+    @property
+    def model_name(self) -> str:
+        """The model's name."""
+        return self.explanation.model_name
+
+    @property
+    def image_name(self) -> str:
+        """A short name of the image (file stem or sample name)."""
+        return _image_label(self.explanation.image_info)
+
+    def road(self) -> dict[str, tuple[float, ...]]:
+        """Per method, the ROAD of every layer in forward order (for ``animate(road=...)``)."""
+        return {m: tuple(float(v) for v in r.road) for m, r in self.results.items()}
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per method with Table 2's columns (plus the best and final layer names)."""
+        rows = []
+        for m, r in self.results.items():
+            rows.append(
+                {
+                    "model": self.model_name,
+                    "image": self.image_name,
+                    "target": self.target_name,
+                    "method": m,
+                    "mean_layerwise_road": r.mean,
+                    "final_layer_road": r.final,
+                    "max_ybroad": r.max,
+                    "difference": r.difference,
+                    "best_layer": r.best_layer.name,
+                    "best_index": r.best_layer.index,
+                    "final_layer": r.final_layer.name,
+                    "layers": len(r),
+                }
+            )
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        """The summary written as ``ybroad.json`` and in the manifest."""
+        return {
+            "definition": dict(DEFINITION),
+            "model": self.model_name,
+            "weights": self.explanation.weights,
+            "image": self.image_name,
+            "target": {"class": self.target, "name": self.target_name},
+            "clean_probability": self.clean_probability,
+            "percentages": list(self.percentages),
+            "seed": self.seed,
+            "imputer": self.imputer,
+            "imputation_space": self.imputation_space,
+            "methods": {m: r.summary() for m, r in self.results.items()},
+            "stats": dict(self.stats),
+            "timings": dict(self.timings),
+        }
+
+    def save(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        command: str = "",
+        smooth: int = SMOOTH_WINDOW,
+    ) -> Path:
+        """Write a bundle: explanation basics (no overlays) plus the ybROAD files (:func:`write_ybroad`)."""
+        from camanim.explanation import write_explanation
+
+        with open_bundle(out, force=force, command=command) as bundle:
+            write_explanation(self.explanation, bundle, overlays=False)
+            bundle.manifest.pop("overlays", None)
+            write_ybroad(self, bundle, smooth=smooth)
+        return bundle.root
+
+
+# --------------------------------------------------------------------------------------------------------
+# Computation.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _image_label(info: Mapping[str, Any]) -> str:
+    src = str(info.get("source", "")) if isinstance(info, Mapping) else ""
+    if not src:
+        return "batch" if isinstance(info, Mapping) and "images" in info else "image"
+    return Path(src.split("?")[0]).stem or src
+
+
+def _digest_array(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write the checkpoint atomically (JSON: Python floats round-trip exactly)."""
+    data = json.dumps(state).encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if state.get("fingerprint") != fingerprint:
+        log.warning("the interrupted run scored another image, target or setting: starting over")
+        return {}
+    return state
+
+
+def ybroad(
+    model: Any = None,
+    image: Any = "chelsea",
+    *,
+    methods: str | Sequence[str] = "gradcam",
+    layers: LayerSpec = "all",
+    target: int | str | None = None,
+    percentages: Sequence[float] = DEFAULT_PERCENTAGES,
+    seed: int = 0,
+    imputer: Any = None,
+    imputation_space: str = "pixel",
+    batch_size: int = 64,
+    score: str = "logit",
+    keep_nonspatial: bool = False,
+    device: str | torch.device | None = None,
+    explanation: Any = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    optimize: bool | None = None,
+) -> YbRoadResult:
+    """Score every chosen layer's map of every method with ROAD.
+
+    Args:
+        model: a :class:`~camanim.models.LoadedModel`, an ``nn.Module`` or a model name (default: the
+            embedded default model). With ``explanation`` it only runs the perturbed forwards and must be
+            the explanation's model.
+        image: one image source or a preprocessed ``(1, 3, H, W)`` tensor (see :func:`camanim.explain`).
+        methods: method names (``"gradcam,hirescam"``) or a list.
+        layers: layer selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
+        target: the class explained and scored; default the top-1 class.
+        percentages: p values in percent (fractions of pixels removed).
+        seed: seed of the tie-break, the noise and seeded methods.
+        imputer: an imputer of :mod:`camanim.road.imputers` or its name; default ``NoisyLinearImputer()``.
+        imputation_space: ``"pixel"`` (default: [0, 1] pixels, as the ROAD paper) or ``"model"`` (the
+            normalised input, as grad-cam).
+        batch_size: perturbed images per forward.
+        score: what the CAM differentiates (``"logit"``, ``"probability"``, ``"sigmoid"``); ROAD always
+            scores the softmax probability.
+        keep_nonspatial: include 1x1 layers.
+        device: where to run the model.
+        explanation: an :class:`~camanim.explanation.Explanation` already computed (its maps are scored,
+            no capture is run).
+        checkpoint: a JSON file where finished layers are kept as they complete and read back from, so an
+            interrupted run continues (rows are reused only for the same image, target, settings and map).
+        progress: called with ``(maps done, maps total)`` over all methods and layers.
+        optimize: perturbed forwards on an optimised private copy of the model (channels-last, Conv-BN
+            folded; see :func:`~camanim.road.road_scores`); ``None`` = on the CPU for convolutional models.
+
+    Returns:
+        A :class:`YbRoadResult`.
+
+    Raises:
+        RoadError: a batch of several images, an unknown imputation space, or bad percentages.
+    """
+    from camanim.explanation import _as_loaded, explain
+    from camanim.models import DEFAULT_MODEL
+
+    t0 = time.perf_counter()
+    ps = _check_percentages(percentages)
+    if imputation_space not in SPACES:
+        raise RoadError(f"imputation_space must be one of {SPACES}, got {imputation_space!r}")
+    imp = _default_imputer(imputer)
+    if explanation is None:
+        lm = _as_loaded(model if model is not None else DEFAULT_MODEL, device)
+        ex = explain(
+            lm, image, methods=methods, layers=layers, target=target, score=score,
+            keep_nonspatial=keep_nonspatial, device=device, seed=seed,
+        )  # fmt: skip
+    else:
+        if model is None:
+            raise RoadError("ybroad(explanation=...) needs the model whose maps these are (model=...)")
+        ex = explanation
+        lm = _as_loaded(model, device)
+    net: nn.Module = lm.model
+    timings = {"explain": time.perf_counter() - t0}
+    if ex.input.shape[0] != 1:
+        raise RoadError(f"ybROAD scores one image; the explanation holds a batch of {ex.input.shape[0]}")
+    x = ex.input[0]
+    space = imputation_space
+    if space == "pixel" and x.shape[0] != 3:
+        log.warning("the input has %d channels, not RGB: imputing in the model's input space", x.shape[0])
+        space = "model"
+    prep = ex.preprocessing if space == "pixel" else None
+    tgt = int(ex.targets[0])
+    chosen = tuple(ex.chosen)
+    names = tuple(ex.methods)
+    h, w = x.shape[-2:]
+    fingerprint = {
+        "model": ex.model_name,
+        "weights": ex.weights,
+        "input": _digest_array(x.numpy()),
+        "target": tgt,
+        "percentages": list(ps),
+        "seed": int(seed),
+        "imputer": repr(imp),
+        "imputation_space": space,
+    }
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    saved = _load_checkpoint(ckpt, fingerprint) if ckpt is not None and ckpt.exists() else {}
+    rows: dict[str, Any] = dict(saved.get("rows", {}))
+    saved_clean = saved.get("clean")
+
+    t = time.perf_counter()
+    jobs: list[tuple[str, str, str]] = []  # (method, layer name, map digest) still to score
+    maps: list[torch.Tensor] = []
+    resumed = 0
+    for m in names:
+        for layer in chosen:
+            up = ex.upsampled(m, layer.name)[0].contiguous()
+            d = _digest_array(up.numpy())
+            key = f"{m}/{layer.name}"
+            if key in rows and rows[key].get("map") == d:
+                resumed += 1
+                continue
+            rows.pop(key, None)
+            jobs.append((m, layer.name, d))
+            maps.append(up)
+    timings["upsample"] = time.perf_counter() - t
+    total = len(names) * len(chosen)
+    if resumed:
+        log.info("resuming: %d of %d layer scores kept from the interrupted run", resumed, total)
+    if progress is not None:
+        progress(resumed, total)
+
+    def on_layers(positions: list[int], morf: np.ndarray, lerf: np.ndarray) -> None:
+        for i, mo, le in zip(positions, morf, lerf, strict=True):
+            m, name, d = jobs[i]
+            rows[f"{m}/{name}"] = {"map": d, "morf": mo.tolist(), "lerf": le.tolist()}
+        if ckpt is not None:
+            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "clean": clean, "rows": rows})
+
+    def on_progress(done: int, _total: int) -> None:
+        if progress is not None:
+            progress(resumed + done, total)
+
+    t = time.perf_counter()
+    clean = None
+    stats: dict[str, float] = {}
+    if maps:
+        twin, cl = _forward_copy(net, optimize, x[None])
+        clean = saved_clean
+        if clean is None:  # once per image, kept with the finished layers for a resumed run
+            with frozen_eval(twin), torch.inference_mode():
+                clean = float(_probabilities(twin, x[None].to(_device(twin)), tgt, 1, cl)[0])
+        _, _, _, clean, stats = _road_core(
+            twin,
+            x,
+            maps,
+            tgt,
+            percentages=ps,
+            imputer=imp,
+            preprocessing=prep,
+            seed=seed,
+            batch_size=batch_size,
+            clean_probability=clean,
+            on_layers=on_layers,
+            progress=on_progress,
+            channels_last=cl,
+        )
+        del twin
+    else:
+        clean = saved_clean if saved_clean is not None else float(ex.probabilities[0, tgt])
+    timings["road"] = time.perf_counter() - t
+    n_pix = h * w
+    removed = np.array([round(p / 100.0 * n_pix) / n_pix for p in ps])
+    results = {}
+    for m in names:
+        morf = np.array([rows[f"{m}/{layer.name}"]["morf"] for layer in chosen], dtype=np.float64)
+        lerf = np.array([rows[f"{m}/{layer.name}"]["lerf"] for layer in chosen], dtype=np.float64)
+        results[m] = YbRoad(
+            m, chosen, ps, morf.reshape(len(chosen), len(ps)), lerf.reshape(len(chosen), len(ps)), removed
+        )
+    timings["total"] = time.perf_counter() - t0
+    log.info(
+        "ybROAD: %d layers x %d methods, %d unique of %d masks forwarded, in %.1f s",
+        len(chosen),
+        len(names),
+        int(stats.get("forwards", 0)),
+        int(stats.get("masks", 0)),
+        timings["total"],
+    )
+    return YbRoadResult(
+        explanation=ex,
+        results=results,
+        target=tgt,
+        target_name=ex.target_names[0],
+        clean_probability=float(clean),
+        percentages=ps,
+        seed=int(seed),
+        imputer=repr(imp),
+        imputation_space=space,
+        resumed=resumed,
+        stats=stats,
+        timings=timings,
+    )
+
+
+def best_layer(
+    model: Any = None,
+    image: Any = "chelsea",
+    *,
+    method: str = "gradcam",
+    target: int | str | None = None,
+    layers: LayerSpec = "all",
+    **kwargs: Any,
+) -> Layer:
+    """The layer of maximum ROAD for ``method`` (runs :func:`ybroad` over ``layers``)."""
+    res = ybroad(model, image, methods=method, layers=layers, target=target, **kwargs)
+    return res[res.methods[0]].best_layer
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:g}"
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([f"{v:.9g}" if isinstance(v, float) else v for v in row])
+    return buf.getvalue()
+
+
+def ybroad_csv(res: YbRoadResult) -> str:
+    """``ybroad.csv``: one row per method and layer."""
+    ps = [_fmt_p(p) for p in res.percentages]
+    header = ["method", "position", "index", "name", "road"]
+    header += [f"morf_{p}" for p in ps] + [f"lerf_{p}" for p in ps] + [f"removed_{p}" for p in ps]
+    rows = []
+    for m, r in res.results.items():
+        for i, (layer, v) in enumerate(zip(r.layers, r.road, strict=True)):
+            rows.append(
+                [m, i, layer.index, layer.name, float(v)]
+                + [float(a) for a in r.morf[i]]
+                + [float(a) for a in r.lerf[i]]
+                + [float(a) for a in r.removed]
+            )
+    return _csv_text(header, rows)
+
+
+def summary_csv(res: YbRoadResult) -> str:
+    """``summary.csv``: Table 2's columns, one row per method."""
+    rows = res.summary_rows()
+    header = list(rows[0]) if rows else []
+    return _csv_text(header, [list(r.values()) for r in rows])
+
+
+def plot_ybroad(res: YbRoadResult, path: str | os.PathLike[str], *, smooth: int = SMOOTH_WINDOW) -> None:
+    """``ybroad.png``: ROAD against layer index per method, raw and smoothed, best and final layer marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    colours = [f"C{i}" for i in range(10)]
+    for k, (m, r) in enumerate(res.results.items()):
+        col = colours[k % len(colours)]
+        xs = np.array([layer.index for layer in r.layers])
+        ax.plot(xs, r.road, color=col, lw=0.8, alpha=0.4, marker=".", ms=3, label=f"{m} (raw)")
+        if smooth > 1 and len(r) > 2:
+            ax.plot(xs, r.smoothed(smooth), color=col, lw=2.0, label=f"{m} (moving average, {smooth} layers)")
+        b, f = r.best_position, r.final_position
+        ax.plot(xs[b], r.road[b], marker="*", ms=14, color=col, mec="k", ls="none")
+        ax.annotate(
+            f"max {r.max:.3f}\n{r.best_layer.name}", (xs[b], r.road[b]), textcoords="offset points",
+            xytext=(6, 6), fontsize=7, color=col,
+        )  # fmt: skip
+        ax.plot(xs[f], r.road[f], marker="D", ms=8, color=col, mec="k", ls="none")
+        ax.annotate(
+            f"final {r.final:.3f}", (xs[f], r.road[f]), textcoords="offset points", xytext=(-60, -14),
+            fontsize=7, color=col,
+        )  # fmt: skip
+        ax.axhline(r.mean, color=col, lw=0.8, ls="--", alpha=0.7)
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    ax.margins(x=0.04, y=0.2)
+    ax.set_xlabel("layer index (forward order)")
+    ax.set_ylabel("ROAD")
+    ax.set_title(
+        f"ybROAD: {res.model_name}, {res.image_name}, target {res.target_name!r} "
+        f"(p = {', '.join(_fmt_p(p) for p in res.percentages)} %)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="best")
+    ax.text(
+        0.99, 0.01, "star: max ybROAD; diamond: final layer; dashed: mean", transform=ax.transAxes,
+        ha="right", va="bottom", fontsize=7, color="0.3",
+    )  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_ybroad(
+    res: YbRoadResult, bundle: Bundle, *, smooth: int = SMOOTH_WINDOW, plot: bool = True
+) -> None:
+    """Write ``ybroad.csv``, ``ybroad.json``, ``ybroad.png``, ``summary.csv`` and the manifest's ``road``."""
+    bundle.write_text("ybroad.csv", ybroad_csv(res), "ROAD per method and layer")
+    summary = res.describe()
+    summary["smoothing"] = {"plot_only": True, "moving_average_layers": smooth}
+    bundle.write_json("ybroad.json", summary, "ybROAD summary per method")
+    bundle.write_text("summary.csv", summary_csv(res), "Table 2 columns per method")
+    if plot:
+        plot_ybroad(res, bundle.file("ybroad.png", "ybROAD plot"), smooth=smooth)
+    bundle.manifest["road"] = {
+        **summary,
+        "files": {"table": "ybroad.csv", "summary": "ybroad.json", "table2": "summary.csv"}
+        | ({"plot": "ybroad.png"} if plot else {}),
+        "results": {f"{m}/{name}": v for m, r in res.results.items() for name, v in r.as_dict().items()},
+        "resumed": res.resumed,
+    }
+
+
+def save_ybroad(
+    model: Any,
+    image: Any,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    resume: bool = False,
+    command: str = "",
+    smooth: int = SMOOTH_WINDOW,
+    **kwargs: Any,
+) -> tuple[YbRoadResult, Path]:
+    """Run :func:`ybroad` into a bundle at ``out``, resumably.
+
+    Finished layers are checkpointed in the staging folder (``.NAME.partial/`` + :data:`CHECKPOINT`) as
+    they complete; after an interruption the staging folder is kept and ``resume=True`` scores only the
+    missing layers (the same numbers as an uninterrupted run: noise depends on the mask, not the order).
+
+    Args:
+        model, image: as :func:`ybroad`.
+        out: bundle folder.
+        force: replace an existing non-empty folder.
+        resume: continue an interrupted run.
+        command: the command line recorded in the manifest.
+        smooth: moving-average window of the plot.
+        **kwargs: passed to :func:`ybroad`.
+
+    Returns:
+        ``(result, bundle path)``.
+    """
+    from camanim.explanation import write_explanation
+
+    with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
+        ckpt = bundle.path / CHECKPOINT
+        if not resume:
+            with contextlib.suppress(FileNotFoundError):
+                ckpt.unlink()
+        res = ybroad(model, image, checkpoint=ckpt, **kwargs)
+        write_explanation(res.explanation, bundle, overlays=False)
+        bundle.manifest.pop("overlays", None)
+        write_ybroad(res, bundle, smooth=smooth)
+        with contextlib.suppress(FileNotFoundError):
+            ckpt.unlink()
+    return res, bundle.root
