@@ -845,6 +845,7 @@ class Animation:
         progress: bool | ProgressCallback = False,
         extras: bool = True,
         command: str = "",
+        also: Callable[[Bundle], None] | None = None,
     ) -> Path:
         """Write the animation bundle.
 
@@ -864,6 +865,7 @@ class Animation:
                 ``(frames done, frames total, current file)``.
             extras: write ``strip.png``, ``layers.csv`` and ``params.png``.
             command: the command line recorded in the manifest.
+            also: writes more artifacts into the same bundle before its manifest (e.g. ybROAD files).
 
         Returns:
             The bundle's path.
@@ -882,6 +884,7 @@ class Animation:
                 progress=progress,
                 extras=extras,
                 command=command,
+                also=also,
             )
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -926,6 +929,8 @@ class Animation:
             t = time.perf_counter()
             if extras:
                 self._write_extras(bundle, skip_existing=same)
+            if also is not None:
+                also(bundle)
             timings["extras"] = time.perf_counter() - t
             bundle.manifest["animation"] = self.describe() | {
                 "fps": fps,

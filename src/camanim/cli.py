@@ -89,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        help="the default job: explain the default model on the default image (also run with no command)",
+        help="the default job: animate every layer of the default model on the default image, with ybROAD (also run with no command)",
     )
     _common(p)
     _targets(p)
     _output(p)
-    p.set_defaults(func=cmd_run, methods="gradcam", layers="all", overlays=True)
+    p.set_defaults(func=cmd_run, methods="gradcam", layers="all", overlays=True, road=True)
 
     p = sub.add_parser("layers", help="list every layer in forward execution order")
     _common(p, image=False)
@@ -379,8 +379,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
         fps=getattr(args, "fps", None),
         reuse=out if resume else None,
     )
+    road_result = None
     if getattr(args, "road", False):
-        anim = _with_road(anim, lm, args)
+        anim, road_result = _with_road(anim, lm, args)
     path = anim.save(
         out,
         formats=getattr(args, "formats", "mp4"),
@@ -388,6 +389,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         resume=resume,
         progress=not args.quiet and sys.stderr.isatty(),
         command=" ".join(sys.argv),
+        also=None if road_result is None else _ybroad_writer(road_result),
     )
     logger.info("animated %d layers x %d methods into %s", len(anim), len(anim.methods), path)
     _write_report(path)
@@ -593,7 +595,14 @@ def _with_road(anim, lm, args: argparse.Namespace):
             "ybROAD %s: mean %.4f, max %.4f at %s, final %.4f", m, r.mean, r.max, r.best_layer.name, r.final
         )
     road = {m: v for m, v in res.road().items() if m in anim.methods}
-    return dataclasses.replace(anim, road=road)
+    return dataclasses.replace(anim, road=road), res
+
+
+def _ybroad_writer(res):
+    """A bundle writer adding ``ybroad.csv/json/png`` and ``summary.csv`` for ``res``."""
+    from camanim.road import write_ybroad
+
+    return lambda bundle: write_ybroad(res, bundle)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

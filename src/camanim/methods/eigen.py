@@ -2,8 +2,8 @@
 
 The value matrix ``X`` of one sample (``h*w`` positions by ``C`` channels) is centred per channel and
 projected on its first right singular vector ``v1``; the map is ``X v1 = s1 u1``. It is computed from
-the top eigenvector of the smaller Gram matrix (``C x C`` or ``hw x hw``, in float64), which is the
-reduced SVD's first singular pair without decomposing the whole matrix: grad-cam's full SVD builds an
+the top eigenvector of the smaller Gram matrix (``C x C`` or ``hw x hw``, in float64, by block subspace
+iteration), which is the reduced SVD's first singular pair without decomposing the whole matrix: grad-cam's full SVD builds an
 ``hw x hw`` matrix (18 s at 112x112x64).
 
 Sign convention: an SVD's sign is arbitrary (grad-cam keeps whatever LAPACK returns, so its EigenCAM can
@@ -33,6 +33,37 @@ def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
         torch.set_num_threads(threads)
 
 
+def top_eigenpair(
+    gram: Tensor, *, block: int = 8, max_iter: int = 200, rtol: float = 1e-9
+) -> tuple[Tensor, Tensor]:
+    """The largest eigenvalue ``(B,)`` and its unit eigenvector ``(B, n)`` of symmetric PSD matrices ``(B, n, n)``.
+
+    Block subspace iteration with Rayleigh-Ritz: only the top pair is needed, and a full ``eigh`` of a
+    512 x 512 Gram matrix costs ~90 ms on one CPU core, against ~1 ms for this. Converged when the residual
+    ``|G v - lambda v| <= rtol * lambda``; a matrix that has not converged after ``max_iter`` iterations
+    (no gap between its top eigenvalues) falls back to ``eigh``.
+    """
+    b, n, _ = gram.shape
+    if n <= 4 * block:
+        vals, vecs = _eigh(gram)
+        return vals[:, -1], vecs[:, :, -1]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(n, block, generator=gen, dtype=gram.dtype).to(gram.device).expand(b, n, block)
+    for it in range(1, max_iter + 1):
+        v, _ = torch.linalg.qr(gram @ v)
+        if it % 4:
+            continue
+        h = v.transpose(1, 2) @ gram @ v  # (B, k, k) Rayleigh-Ritz
+        w, s = torch.linalg.eigh(h)
+        top = (v @ s[:, :, -1:])[..., 0]  # (B, n)
+        lam = w[:, -1]
+        resid = (gram @ top[..., None])[..., 0] - lam[:, None] * top
+        if bool((resid.norm(dim=1) <= rtol * lam.abs().clamp_min(1e-300)).all()):
+            return lam, top
+    vals, vecs = _eigh(gram)
+    return vals[:, -1], vecs[:, :, -1]
+
+
 def first_component_projection(values: Tensor) -> Tensor:
     """Projection of ``values`` ``(B, C, h, w)`` on their first principal component, as a map ``(B, h, w)``.
 
@@ -46,14 +77,14 @@ def first_component_projection(values: Tensor) -> Tensor:
     # The top eigenvector of the smaller Gram matrix gives the first singular pair: (hw x C) data needs a
     # C x C or hw x hw eigenproblem, never an SVD of the whole matrix.
     if c <= h * w:
-        _, vecs = _eigh((centred @ centred.transpose(1, 2)).double())  # (B, C, C), ascending
-        v = vecs[:, :, -1].to(values.dtype)  # (B, C)
+        _, v = top_eigenpair((centred @ centred.transpose(1, 2)).double())  # of the (B, C, C) Gram
+        v = v.to(values.dtype)
         proj = (v[:, None, :] @ centred)[:, 0]  # (B, hw)
         # proj . mean_c(A) = v^T (Xc X^T) 1 / C = lambda_1 sum(v) / C, since Xc 1 = 0: only sum(v)'s sign matters.
         agree = v.sum(dim=1)
     else:
-        vals, vecs = _eigh((centred.transpose(1, 2) @ centred).double())  # (B, hw, hw)
-        proj = (vecs[:, :, -1] * vals[:, -1:].clamp_min(0).sqrt()).to(values.dtype)
+        lam, u = top_eigenpair((centred.transpose(1, 2) @ centred).double())  # of the (B, hw, hw) Gram
+        proj = (u * lam[:, None].clamp_min(0).sqrt()).to(values.dtype)
         ref = x.mean(dim=1)
         agree = (proj * (ref - ref.mean(dim=1, keepdim=True))).sum(dim=1)
     sign = torch.where(agree < 0, -1.0, 1.0).to(proj.dtype)

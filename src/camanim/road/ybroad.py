@@ -223,6 +223,12 @@ class YbRoadResult:
     stats: dict[str, float] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
 
+    def _repr_html_(self) -> str:
+        """The ybROAD plot and summary table, for Jupyter."""
+        from camanim.report import ybroad_html
+
+        return ybroad_html(self)
+
     def __getitem__(self, method: str) -> YbRoad:
         if method not in self.results:
             from camanim.errors import UnknownNameError
