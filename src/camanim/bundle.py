@@ -48,7 +48,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` at ``path`` through a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -100,7 +101,7 @@ class Bundle:
     def write_bytes(self, rel: str, data: bytes, role: str = "") -> Path:
         """Write ``data`` atomically at ``rel``."""
         p = self.file(rel, role)
-        _atomic_write_bytes(p, data)
+        atomic_write_bytes(p, data)
         return p
 
     def write_text(self, rel: str, text: str, role: str = "") -> Path:
@@ -186,7 +187,7 @@ def open_bundle(
     bundle = Bundle(root, stage, manifest)
     try:
         yield bundle
-        _atomic_write_bytes(
+        atomic_write_bytes(
             stage / MANIFEST,
             (json.dumps(_jsonable(bundle.manifest), indent=2, allow_nan=False) + "\n").encode(),
         )

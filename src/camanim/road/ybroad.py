@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from camanim.bundle import Bundle, open_bundle
+from camanim.bundle import Bundle, atomic_write_bytes, open_bundle
 from camanim.capture import frozen_eval
 from camanim.layers import Layer, LayerSpec
 from camanim.road.metric import (
@@ -335,16 +334,7 @@ def _digest_array(a: np.ndarray) -> str:
 
 def _save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Write the checkpoint atomically (JSON: Python floats round-trip exactly)."""
-    data = json.dumps(state).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, json.dumps(state).encode())
 
 
 def _load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:

@@ -301,7 +301,7 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
     """
     import jinja2
 
-    from camanim.bundle import _atomic_write_bytes
+    from camanim.bundle import atomic_write_bytes
     from camanim.study.store import StudyStore
     from camanim.study.units import StudyError
 
@@ -336,6 +336,6 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
         versions=", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()),
     )
     path = store.root / REPORT_FILE
-    _atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8"))
     log.info("study report: %s", path)
     return path

@@ -129,9 +129,9 @@ def summary_schema() -> Any:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    from camanim.bundle import _atomic_write_bytes, _jsonable
+    from camanim.bundle import _jsonable, atomic_write_bytes
 
-    _atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=1) + "\n").encode())
 
 
 @dataclass
@@ -329,7 +329,7 @@ class StudyStore:
 
     def export_csv(self) -> Path:
         """Write ``summary.csv`` (atomically) from the summary table; returns its path."""
-        from camanim.bundle import _atomic_write_bytes
+        from camanim.bundle import atomic_write_bytes
 
         table = self.read_summary()
         buf = io.StringIO()
@@ -339,7 +339,7 @@ class StudyStore:
         for row in zip(*cols, strict=True):
             writer.writerow(["" if v is None else f"{v:.9g}" if isinstance(v, float) else v for v in row])
         path = self.root / SUMMARY_CSV
-        _atomic_write_bytes(path, buf.getvalue().encode())
+        atomic_write_bytes(path, buf.getvalue().encode())
         return path
 
 
