@@ -12,6 +12,9 @@ Both start from the method's raw map after its ReLU, bilinearly upsampled to the
 :meth:`camanim.explanation.Explanation.upsampled` computes it (the paper's code min-max scaled each layer
 before its "global" step, which made its global videos identical to its local ones).
 
+``methods="fmgcam"`` animates FM-G-CAM, the top-K classes fused into one map per layer, one hue per class
+(:mod:`camanim.fused_frames`: its ranges, legend and the treatment of ELU/GELU negatives).
+
 Rendering is vectorised: all layers of one native size are upsampled in one call, normalised and coloured as
 arrays, and a :class:`~camanim.render.FrameComposer` built once per video adds the caption, colour bars and
 progress strip; frames stream into ffmpeg (:mod:`camanim.video`).
@@ -59,11 +62,21 @@ from camanim.explanation import (
     prepare_input,
     write_explanation,
 )
+from camanim.fused_frames import FMGCAM, LegendComposer, describe_fusion, fused_options, fused_stack
 from camanim.layers import Layer, LayerSpec
 from camanim.methods import method_class
+from camanim.methods.fused import FMGCAMResult, blend_classes
 from camanim.models import DEFAULT_MODEL, LoadedModel, Preprocessing
 from camanim.normalize import Range
-from camanim.render import FrameComposer, FrameStyle, colormap_lut, grid, overlay_batch, resize_maps, save_png
+from camanim.render import (
+    FrameComposer,
+    FrameStyle,
+    colormap_lut,
+    grid,
+    overlay_batch,
+    save_png,
+    upsample_by_size,
+)
 from camanim.video import FORMATS, default_fps, open_writer
 
 __all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip", "animate"]
@@ -171,22 +184,23 @@ def _tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tu
 
 
 def _shrink(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize ``(N, H, W)`` to ``size``; antialiased when shrinking. Every output value is a convex combination
-    of input values, so it stays inside the range the input was normalised by."""
-    if stack.shape[1:] == tuple(size):
+    """Resize ``(N, H, W)`` (or ``(N, K, H, W)``) to ``size``; antialiased when shrinking. Every output value is a
+    convex combination of input values, so it stays inside the range the input was normalised by."""
+    if stack.shape[-2:] == tuple(size):
         return stack
-    t = torch.from_numpy(stack)[:, None]
-    shrinking = size[0] < stack.shape[1] or size[1] < stack.shape[2]
+    t = torch.from_numpy(stack.reshape(-1, 1, *stack.shape[-2:]))
+    shrinking = size[0] < stack.shape[-2] or size[1] < stack.shape[-1]
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
-    return out[:, 0].numpy()
+    return out.numpy().reshape(*stack.shape[:-2], *size)
 
 
 def _normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:
-    """:func:`camanim.normalize.normalize` of each ``(H, W)`` map of ``(N, H, W)`` by its own range, at once.
+    """:func:`camanim.normalize.normalize` of each map of ``(N, H, W)`` (or ``(N, K, H, W)``) by its own range.
 
     ``nan_safe=False`` skips the NaN pass when the caller's colour lookup treats NaN as 0 anyway."""
-    lo = np.array([r.low for r in ranges], np.float32)[:, None, None]
-    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32)[:, None, None]
+    axes = (-1,) + (1,) * (stack.ndim - 1)
+    lo = np.array([r.low for r in ranges], np.float32).reshape(axes)
+    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32).reshape(axes)
     out = stack - lo
     out *= inv
     np.clip(out, 0.0, 1.0, out=out)
@@ -222,29 +236,33 @@ def _upsampled_stack(
     Returns:
         ``(n, H_in, W_in)`` float32.
     """
-    relu = method_class(method).relu
-    in_hw = (int(ex.input.shape[-2]), int(ex.input.shape[-1]))
-    out = np.empty((len(positions), *in_hw), np.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, p in enumerate(positions):
-        groups.setdefault(tuple(ex.maps[method][layers[p].name].shape[1:]), []).append(k)
-    for ks in groups.values():
-        raw = torch.stack([ex.maps[method][layers[positions[k]].name][sample] for k in ks])
-        if relu:
-            raw = raw.clamp_min(0)
-        out[ks] = resize_maps(raw.float(), in_hw).numpy()
-    return out
+    maps = [ex.maps[method][layers[p].name][sample] for p in positions]
+    return upsample_by_size(maps, tuple(ex.input.shape[-2:]), relu=method_class(method).relu)
+
+
+def _method_stack(
+    ex: Explanation,
+    fusion: FMGCAMResult | None,
+    method: str,
+    layers: Sequence[Layer],
+    positions: Sequence[int],
+    sample: int,
+) -> np.ndarray:
+    """What normalisation scales: :func:`_upsampled_stack`, or with ``fusion`` the fused maps ``(n, K, H, W)``."""
+    if fusion is not None:
+        return fused_stack(fusion, [layers[p].name for p in positions], tuple(ex.input.shape[-2:]))
+    return _upsampled_stack(ex, method, layers, positions, sample)
 
 
 def _layer_stats(
-    ex: Explanation, method: str, layers: Sequence[Layer], sample: int
+    ex: Explanation, fusion: FMGCAMResult | None, method: str, layers: Sequence[Layer], sample: int
 ) -> tuple[LayerStats, ...]:
     """Min, max, mean and flatness of every layer's upsampled map, a chunk of layers at a time."""
     out: list[LayerStats] = []
     n = len(layers)
     for start in range(0, n, CHUNK):
         pos = range(start, min(n, start + CHUNK))
-        stack = _upsampled_stack(ex, method, layers, pos, sample).reshape(len(pos), -1)
+        stack = _method_stack(ex, fusion, method, layers, pos, sample).reshape(len(pos), -1)
         lo, hi = stack.min(axis=1), stack.max(axis=1)
         mean = stack.mean(axis=1, dtype=np.float64)
         for a, b, c in zip(lo, hi, mean, strict=True):
@@ -292,6 +310,8 @@ class Animation:
         fps: frames per second of saved videos (default: about 10 s per video).
         style: frame look.
         request: what produced the explanation (model, image, methods, layers, target), used by ``reuse``.
+        fusion: with ``methods == ("fmgcam",)``, FM-G-CAM of the explanation (a top-K capture): its fused
+            ``(K, h, w)`` map per layer, classes and colours (see :mod:`camanim.fused_frames`); else None.
     """
 
     explanation: Explanation = field(repr=False)
@@ -311,6 +331,7 @@ class Animation:
     fps: int = 10
     style: FrameStyle = field(default_factory=FrameStyle, repr=False)
     request: Mapping[str, Any] | None = field(default=None, repr=False)
+    fusion: FMGCAMResult | None = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -------------------------------------------------------------------------------------- building
@@ -331,12 +352,15 @@ class Animation:
         fps: int | None = None,
         style: FrameStyle | None = None,
         request: Mapping[str, Any] | None = None,
+        base: str | None = None,
+        activation: str | None = None,
     ) -> Animation:
         """Compute the normalisation ranges of an explanation's maps; frames render later, on demand.
 
         Args:
             ex: an explanation; every chosen layer becomes a frame.
-            methods: a subset of ``ex.methods`` (default all), comma-separated or a list.
+            methods: a subset of ``ex.methods`` (default all), comma-separated or a list; or ``"fmgcam"``
+                alone, for an explanation made with ``top_k`` (FM-G-CAM of its K classes).
             norm: normalisations shown side by side: ``"local"``, ``"global"``, ``"global-all"``.
             layout: one or more of ``"side-by-side"``, ``"local"``, ``"global"``, ``"grid"``.
             cmap: a matplotlib colour map name.
@@ -348,13 +372,20 @@ class Animation:
             fps: frames per second for saved videos; default plays the animation in about 10 s.
             style: frame look (:class:`~camanim.render.FrameStyle`).
             request: description of what produced ``ex`` (recorded, and compared by ``reuse``).
+            base, activation: FM-G-CAM's base method (default ``"gradcam"``) and activation (default
+                ``"relu"``); only with ``methods="fmgcam"``.
 
         Raises:
             UnknownNameError: an unknown method, normalisation, layout or colour map.
-            CamanimError: no layer to animate, a method missing a layer's map, or ``road`` of the wrong length.
+            CamanimError: no layer to animate, a method missing a layer's map, ``road`` of the wrong length,
+                or ``fmgcam`` mixed with other methods (:class:`~camanim.methods.fused.FusionError`).
         """
         t0 = time.perf_counter()
-        names = tuple(ex.methods) if methods is None else _parse_choice(methods, ex.methods, "method")
+        names = (
+            tuple(ex.methods) if methods is None else _parse_choice(methods, (*ex.methods, FMGCAM), "method")
+        )
+        fused = fused_options(names, base=base, activation=activation)
+        fusion = None if fused is None else FMGCAMResult.from_explanation(ex, fused.base, fused.activation)
         norms = _parse_choice(norm, NORMS, "normalisation")
         layouts = _parse_choice(layout, LAYOUTS, "layout")
         colormap_lut(cmap)  # fail early on an unknown colour map
@@ -366,7 +397,7 @@ class Animation:
         layers = tuple(ex.chosen)
         if not layers:
             raise CamanimError("the explanation has no layer to animate")
-        for m in names:
+        for m in names if fusion is None else (fusion.base,):
             missing = [layer.name for layer in layers if layer.name not in ex.maps[m]]
             if missing:
                 raise CamanimError(f"method {m!r} has no map for layers {missing[:5]}: cannot animate it")
@@ -387,7 +418,7 @@ class Animation:
                     raise CamanimError(f"road[{m!r}] has {len(values)} scores for {len(layers)} kept layers")
                 road_t[m] = values
         in_hw = (int(ex.input.shape[-2]), int(ex.input.shape[-1]))
-        stats = {m: _layer_stats(ex, m, layers, sample) for m in names}
+        stats = {m: _layer_stats(ex, fusion, m, layers, sample) for m in names}
         granges = {m: Range(min(s.min for s in st), max(s.max for s in st)) for m, st in stats.items()}
         anim = cls(
             explanation=ex,
@@ -407,12 +438,13 @@ class Animation:
             fps=int(fps) if fps else default_fps(len(layers)),
             style=style or FrameStyle(),
             request=dict(request) if request is not None else None,
+            fusion=fusion,
         )
         anim._cache["timings"] = {"ranges": time.perf_counter() - t0}
         return anim
 
     def _raw_stack(self, method: str, positions: Sequence[int]) -> np.ndarray:
-        return _upsampled_stack(self.explanation, method, self.layers, positions, self.sample)
+        return _method_stack(self.explanation, self.fusion, method, self.layers, positions, self.sample)
 
     # --------------------------------------------------------------------------------------- ranges
 
@@ -435,7 +467,8 @@ class Animation:
 
     def flags(self, method: str, position: int) -> tuple[str, ...]:
         """Conditions of a frame's map: ``"flat"`` after ReLU, plus the explanation's flags (``no_gradient``...)."""
-        extra = self.explanation.flags.get(method, {}).get(self.layers[position].name, ())
+        source = method if self.fusion is None else self.fusion.base  # FM-G-CAM: its base maps' flags
+        extra = self.explanation.flags.get(source, {}).get(self.layers[position].name, ())
         own = ("flat",) if self.stats[method][position].flat else ()
         return own + tuple(f for f in extra if f != "flat")
 
@@ -469,7 +502,8 @@ class Animation:
             size: output ``(H, W)``; default the tile size.
 
         Returns:
-            ``(n, H, W)`` float32 in ``[0, 1]``; 1 only where a map reaches its range's maximum.
+            ``(n, H, W)`` float32 in ``[0, 1]``; 1 only where a map reaches its range's maximum. FM-G-CAM:
+            ``(n, K, H, W)``, each class's intensity.
         """
         pos = self._positions(positions)
         stack = _shrink(self._raw_stack(method, pos), size or self.size)
@@ -501,6 +535,8 @@ class Animation:
         self, stack: np.ndarray, method: str, norm: str, pos: Sequence[int], size: tuple[int, int]
     ) -> np.ndarray:
         norm_maps = _normalize_stack(stack, [self.range_for(method, norm, p) for p in pos], nan_safe=False)
+        if self.fusion is not None:  # fused_overlay's blend: each class in its hue
+            return blend_classes(norm_maps, self._display(size), self.fusion.colors, self.alpha)
         return overlay_batch(self._display(size), norm_maps, colormap_lut(self.cmap), self.alpha)
 
     def _layout_norms(self, layout: str) -> tuple[str, ...]:
@@ -515,7 +551,11 @@ class Animation:
         raise UnknownNameError("layout", layout, LAYOUTS)
 
     def target_text(self) -> str:
-        """``"target <name> (p=<probability>)"`` of the animated sample."""
+        """``"target <name> (p=<probability>)"`` of the animated sample (FM-G-CAM: its K classes' summary)."""
+        if self.fusion is not None:
+            return (
+                f"top-{len(self.fusion.classes)} classes fused ({self.fusion.base}, {self.fusion.activation})"
+            )
         ex = self.explanation
         c = ex.targets[self.sample]
         p = float(ex.probabilities[self.sample, c]) if c < ex.probabilities.shape[1] else float("nan")
@@ -556,19 +596,22 @@ class Animation:
     def _composers(self, method: str | None, layout: str) -> list[tuple[str, FrameComposer]]:
         """One composer per video (a row of tiles); the grid stacks one row per method, captions in the last."""
         norms = self._layout_norms(layout)
-        luts = [colormap_lut(self.cmap)] * len(norms)
+
+        def composer(titles: list[str], curve: np.ndarray | None, style: FrameStyle) -> FrameComposer:
+            if self.fusion is not None:  # no colour bar: the hue is the class; a legend instead
+                return LegendComposer(self.size, titles, self.fusion, curve, style)
+            return FrameComposer(self.size, titles, [colormap_lut(self.cmap)] * len(titles), curve, style)
+
         if layout != "grid":
             assert method is not None
             titles = [f"{method} · {_TITLES[n]}" if len(norms) == 1 else _TITLES[n] for n in norms]
-            return [(method, FrameComposer(self.size, titles, luts, self._curve(method), self.style))]
+            return [(method, composer(titles, self._curve(method), self.style))]
         rows = []
         for r, m in enumerate(self.methods):
             last = r == len(self.methods) - 1
             style = self.style if last else dataclasses.replace(self.style, caption_lines=0, progress=False)
             titles = [f"{m} · {_SHORT[n]}" for n in norms]
-            rows.append(
-                (m, FrameComposer(self.size, titles, luts, self._curve(None) if last else None, style))
-            )
+            rows.append((m, composer(titles, self._curve(None) if last else None, style)))
         return rows
 
     def frames(
@@ -669,6 +712,8 @@ class Animation:
             title=title,
             style=self.style,
         )
+        if self.fusion is not None:
+            image = self.fusion.with_legend(image, font_size=self.style.font_size)
         return Strip(
             image=image,
             percentiles=PERCENTILES,
@@ -682,8 +727,8 @@ class Animation:
 
         Columns: ``frame`` (1-based, empty when skipped), ``index`` (in the forward pass), ``name``, ``type``,
         ``kind``, ``map_size``, ``params``, ``kept``, ``skipped`` (reason), and per method ``<m>_min``,
-        ``<m>_max``, ``<m>_mean`` (after ReLU, upsampled: the values normalisation scales) and
-        ``<m>_flags`` (``flat``, ``no_gradient``... joined by ``;``).
+        ``<m>_max``, ``<m>_mean`` (after ReLU, upsampled: the values normalisation scales; FM-G-CAM: over its
+        K class planes) and ``<m>_flags`` (``flat``, ``no_gradient``... joined by ``;``).
         """
         rows: list[tuple[int, dict[str, Any]]] = []
         for p, layer in enumerate(self.layers):
@@ -779,7 +824,7 @@ class Animation:
             ex = self.explanation
             h = hashlib.sha1()
             _hash_arrays(h, [ex.input.numpy()])
-            for m in self.methods:
+            for m in self.methods if self.fusion is None else (self.fusion.base,):
                 _hash_arrays(h, [ex.maps[m][layer.name].numpy() for layer in self.layers])
             settings = {
                 "methods": self.methods,
@@ -794,6 +839,8 @@ class Animation:
                 "road": self.road,
                 "style": repr(self.style),
             }
+            if self.fusion is not None:
+                settings["fmgcam"] = [self.fusion.base, self.fusion.activation, self.fusion.norm]
             h.update(json.dumps(settings, sort_keys=True, default=str).encode())
             self._cache["fingerprint"] = h.hexdigest()
         return self._cache["fingerprint"]
@@ -831,6 +878,7 @@ class Animation:
             ],
             "skipped": [{"index": la.index, "name": la.name, "reason": r} for la, r in self.skipped],
             "road": {m: list(v) for m, v in self.road.items()} if self.road else None,
+            "fmgcam": describe_fusion(self.fusion) if self.fusion is not None else None,
             "fingerprint": self.fingerprint(),
         }
 
@@ -1195,14 +1243,19 @@ def animate(
     style: FrameStyle | None = None,
     device: str | torch.device | None = None,
     reuse: str | os.PathLike[str] | None = None,
+    top_k: int | None = None,
+    base: str | None = None,
+    activation: str | None = None,
 ) -> Animation:
     """Explain every chosen layer with every method in one capture, and prepare its CAManim animation.
 
     Args:
         model: a :class:`~camanim.models.LoadedModel`, an ``nn.Module`` or a model name.
         image: an image source or a preprocessed tensor (see :func:`camanim.explain`).
-        methods: method names (``"gradcam,hirescam"``), ``"all"`` or a list.
-        target: the class to explain (index or name); default the top-1 class.
+        methods: method names (``"gradcam,hirescam"``), ``"all"`` or a list; or ``"fmgcam"`` alone:
+            FM-G-CAM, the ``top_k`` most probable classes fused into one map per layer, each in its hue
+            (every layer from the one K-class capture of ``explain(top_k=K)``; see :mod:`camanim.fused_frames`).
+        target: the class to explain (index or name); default the top-1 class. Not with ``"fmgcam"``.
         layers: layer selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
         norm: normalisations shown side by side: ``"local"``, ``"global"``, ``"global-all"``.
         layout: ``"side-by-side"`` (default), ``"local"``, ``"global"``, ``"grid"``, or several.
@@ -1219,10 +1272,17 @@ def animate(
         reuse: a bundle folder of an interrupted (or finished) run: its raw maps are loaded instead of
             running the model when they were made with the same model, weights, image, methods, layers,
             target and score.
+        top_k, base, activation: FM-G-CAM only: number of classes (default 3), base method (default
+            ``"gradcam"``) and Eq 6's activation (``"relu"``, the default, ``"elu"`` or ``"gelu"``).
 
     Returns:
         An :class:`Animation`; call :meth:`Animation.save` to write the bundle.
+
+    Raises:
+        FusionError: ``"fmgcam"`` mixed with other methods or given a target, or FM-G-CAM options without it.
     """
+    fused = fused_options(methods, top_k=top_k, base=base, activation=activation, target=target)
+    k = None if fused is None else fused.k
     lm = _as_loaded(model, device)
     request = {
         "model": lm.name,
@@ -1233,19 +1293,26 @@ def animate(
         "score": score,
         "keep_nonspatial": keep_nonspatial,
     }
+    if fused is not None:
+        request |= fused.request()
     ex = None
     if reuse is not None:
         x, _, _ = prepare_input(image, lm)
+        if k is not None:  # a top-K capture holds K copies of the image
+            x = x.expand(k, *x.shape[1:])
         ex = load_staged(reuse, request, x)
         if ex is not None:
             logger.info("reusing the raw maps in %s: the model is not run", reuse)
     if ex is None:
         ex = explain(
-            lm, image, methods=methods, layers=layers, target=target, score=score,
-            keep_nonspatial=keep_nonspatial, device=device,
+            lm, image, methods=methods if fused is None else fused.base, layers=layers, target=target,
+            top_k=k, score=score, keep_nonspatial=keep_nonspatial, device=device,
         )  # fmt: skip
     return Animation.from_explanation(
         ex,
+        methods=None if fused is None else FMGCAM,
+        base=None if fused is None else fused.base,
+        activation=None if fused is None else fused.activation,
         norm=norm,
         layout=layout,
         cmap=cmap,

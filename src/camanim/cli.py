@@ -142,7 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--score", default="logit", choices=["logit", "probability", "sigmoid"], help="what is differentiated"
     )
-    g.add_argument("--method", "--methods", dest="methods", default="gradcam", help=_method_help())
+    g.add_argument(
+        "--method",
+        "--methods",
+        dest="methods",
+        default="gradcam",
+        help=_method_help() + "; or fmgcam alone: FM-G-CAM, the top-K classes fused, one colour per class",
+    )
+    g.add_argument(
+        "--top-k", type=int, default=None, metavar="K", help="fmgcam: number of classes fused (default 3)"
+    )
+    g.add_argument(
+        "--base", default=None, help="fmgcam: base method (default gradcam; hirescam, gradcam++...)"
+    )
+    g.add_argument(
+        "--activation",
+        default=None,
+        choices=["relu", "elu", "gelu"],
+        help="fmgcam: final activation (Eq 6; default relu)",
+    )
     g.add_argument(
         "--layers",
         default="all",
@@ -356,7 +374,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_animate(args: argparse.Namespace) -> int:
     from camanim.animation import animate
     from camanim.errors import BundleExistsError
+    from camanim.fused_frames import fused_options
+    from camanim.methods.fused import FusionError
 
+    # FM-G-CAM options are checked before the model loads: a wrong combination fails at once (exit code 2)
+    fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
+    fused = fused_options(getattr(args, "methods", "gradcam"), target=args.target, **fmgcam)
+    best = str(getattr(args, "layers", "all")).strip().lower() == "best"
+    if fused is not None and (getattr(args, "road", False) or best):
+        raise FusionError("--road and --layers best score one class's map (ROAD); fmgcam fuses K classes")
     out = Path(args.out) if args.out else _default_out(args)
     resume = getattr(args, "resume", False)
     if out.is_dir() and any(out.iterdir()) and not (args.force or resume):  # fail before the model runs
@@ -378,6 +404,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         score=args.score,
         fps=getattr(args, "fps", None),
         reuse=out if resume else None,
+        **fmgcam,
     )
     road_result = None
     if getattr(args, "road", False):
@@ -393,7 +420,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
     )
     logger.info("animated %d layers x %d methods into %s", len(anim), len(anim.methods), path)
     _write_report(path)
-    _print_predictions(anim.explanation, path)
+    if anim.fusion is not None:
+        _print_fused(anim.fusion, path)
+    else:
+        _print_predictions(anim.explanation, path)
     return 0
 
 
@@ -411,12 +441,18 @@ def cmd_fmgcam(args: argparse.Namespace) -> int:
         multilabel=args.multilabel,
     )
     path = res.save(out, force=args.force, command=" ".join(sys.argv), panels=args.panels)
+    _print_fused(res, path)
+    return 0
+
+
+def _print_fused(res, path: Path) -> None:
+    """The classes of an FM-G-CAM result, most probable first, and the bundle's path."""
     label = "sigmoid" if res.multilabel else "p"
-    print(f"FM-G-CAM ({res.base}, {res.activation}) at {', '.join(res.layers)}:")
+    where = ", ".join(res.layers) if len(res.layers) <= 3 else f"{len(res.layers)} layers"
+    print(f"FM-G-CAM ({res.base}, {res.activation}) at {where}:")
     for rank, (c, name, p) in enumerate(zip(res.classes, res.names, res.probabilities, strict=True), 1):
         print(f"  {rank}. {c:>5}  {name:<30} {label}={p:.4f}")
     print(f"bundle: {path}")
-    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "resize_map",
     "resize_maps",
     "save_png",
+    "upsample_by_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,36 @@ def resize_maps(maps: Any, size: tuple[int, int]) -> Any:
     elif not is_tensor:
         t = t.clone()  # never hand back a view of the caller's array
     return t if is_tensor else t.numpy()
+
+
+def upsample_by_size(maps: Sequence[Any], size: tuple[int, int], *, relu: bool = False) -> np.ndarray:
+    """Bilinear resize of maps of mixed native sizes (one per layer), one :func:`resize_maps` call per size.
+
+    Each output plane equals ``resize_maps`` of that plane alone (the interpolation is per plane).
+
+    Args:
+        maps: ``n`` torch tensors, each ``(h, w)`` or each ``(K, h, w)`` (the same ``K``); ``h, w`` may differ.
+        size: target ``(H, W)``.
+        relu: clamp at 0 before resizing.
+
+    Returns:
+        ``(n, H, W)`` or ``(n, K, H, W)`` float32.
+    """
+    import torch
+
+    lead = tuple(maps[0].shape[:-2]) if len(maps) else ()
+    out = np.empty((len(maps), *lead, int(size[0]), int(size[1])), np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, m in enumerate(maps):
+        if tuple(m.shape[:-2]) != lead:
+            raise ValueError(f"maps must share their leading shape {lead}, got {tuple(m.shape)}")
+        groups.setdefault(tuple(m.shape), []).append(k)
+    for shape, ks in groups.items():
+        raw = torch.stack([maps[k] for k in ks]).reshape(-1, *shape[-2:])
+        if relu:
+            raw = raw.clamp_min(0)
+        out[ks] = resize_maps(raw.float(), size).numpy().reshape(len(ks), *out.shape[1:])
+    return out
 
 
 def resize_map(m: Any, size: tuple[int, int]) -> Any:

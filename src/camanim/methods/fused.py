@@ -29,6 +29,8 @@ result for display (done here at rendering); it runs K backward passes with ``.b
 ``torch.autograd.grad`` of a batch of K copies of the image (:func:`camanim.explain` with ``top_k``), and
 the model is left as found.
 
+Every layer of a network, one video frame each: ``camanim animate --method fmgcam`` (:mod:`camanim.fused_frames`).
+
 Example:
     >>> import torch
     >>> maps = torch.tensor([[[1.0, -2.0]], [[0.5, 3.0]]])  # K=2 classes, 1x2 map
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camanim.capture import frozen_eval
-from camanim.errors import UnknownNameError
+from camanim.errors import CamanimError, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,26 @@ PALETTE = "tab10"
 _PALETTE_INDICES = (0, 1, 2, 3, 4, 5, 6, 8, 9)
 MAX_DISTINCT_COLORS = len(_PALETTE_INDICES)
 _EPS = 1e-12
+
+
+class FusionError(CamanimError, ValueError):
+    """FM-G-CAM cannot be made as asked: a base method that is not class-discriminative, an explanation
+    that is not a top-K capture of one image, or options that do not fit together."""
+
+
+def check_base(base: str) -> str:
+    """The registry name of ``base`` when it can serve FM-G-CAM (a class-discriminative one-pass method).
+
+    Raises:
+        MethodNotFoundError: an unknown method.
+        FusionError: a method that is not class-discriminative or needs extra forwards.
+    """
+    from camanim.methods import method_class
+
+    cls = method_class(base)
+    if cls.cost != "one_pass" or not cls.class_discriminative:
+        raise FusionError(f"FM-G-CAM needs a class-discriminative one-pass base method, not {cls.name!r}")
+    return cls.name
 
 
 # ------------------------------------------------------------------------------------------- the maths
@@ -119,11 +141,14 @@ def fmgcam_sweep(
     if base is None:
         base = next((m for m in ex.methods if method_class(m).class_discriminative), None)
         if base is None:
-            raise ValueError(f"none of the explanation's methods {list(ex.methods)} is class-discriminative")
+            raise FusionError(f"none of the explanation's methods {list(ex.methods)} is class-discriminative")
     if base not in ex.maps:
         raise UnknownNameError("method", base, list(ex.maps), "not in this explanation")
-    if len(set(ex.targets)) != len(ex.targets) or ex.input.shape[0] < 1:
-        raise ValueError("FM-G-CAM needs an explanation made with top_k (one distinct class per batch row)")
+    one_image = bool((ex.input == ex.input[:1]).all()) if ex.input.shape[0] > 0 else False
+    if len(set(ex.targets)) != len(ex.targets) or not one_image:
+        raise FusionError(
+            "FM-G-CAM needs an explanation made with top_k (one image, one distinct class per batch row)"
+        )
     return {name: fuse(maps, activation, norm=norm) for name, maps in ex.maps[base].items()}
 
 
@@ -201,8 +226,29 @@ def fused_overlay(
     up = resize_maps(f, image.shape[:2]).numpy()  # (K, H, W)
     s = float(up.max()) if scale is None else float(scale)
     v = np.clip(up / s, 0.0, 1.0) if s > 0 else np.zeros_like(up)
-    strength = np.clip(v.sum(axis=0), 0.0, 1.0)[..., None]  # bilinear mixing at class borders sums to <= 1
-    heat = np.einsum("khw,kc->hwc", v, colors.astype(np.float32))
+    return blend_classes(v, image, colors, alpha)
+
+
+def blend_classes(
+    intensities: np.ndarray, image: np.ndarray, colors: np.ndarray, alpha: float = 0.7
+) -> np.ndarray:
+    """Colour per-class intensities over an image, each class in its hue (the blend of :func:`fused_overlay`).
+
+    A pixel with intensities ``v_k`` becomes ``(1 - alpha * min(1, sum v_k)) * image + alpha * sum v_k *
+    colour_k``.
+
+    Args:
+        intensities: ``(K, H, W)`` or ``(N, K, H, W)`` values in ``[0, 1]`` (float32).
+        image: ``(H, W, 3)`` uint8.
+        colors: ``(K, 3)`` uint8 class colours.
+        alpha: opacity of a class at full intensity.
+
+    Returns:
+        ``(H, W, 3)`` or ``(N, H, W, 3)`` uint8.
+    """
+    v = np.asarray(intensities, np.float32)
+    strength = np.clip(v.sum(axis=-3), 0.0, 1.0)[..., None]  # bilinear mixing at class borders sums to <= 1
+    heat = np.einsum("...khw,kc->...hwc", v, np.asarray(colors).astype(np.float32))
     out = (1.0 - alpha * strength) * image.astype(np.float32) + alpha * heat
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
@@ -261,10 +307,71 @@ class FMGCAMResult:
     base_maps: dict[str, Tensor] = field(repr=False)
     explanation: Any = field(repr=False)
 
+    @classmethod
+    def from_explanation(
+        cls,
+        explanation: Any,
+        base: str = "gradcam",
+        activation: str = "relu",
+        *,
+        norm: str = "stack",
+        multilabel: bool = False,
+        scores: Tensor | None = None,
+    ) -> FMGCAMResult:
+        """FM-G-CAM at every layer of an explanation made with ``top_k`` (no model is run).
+
+        Args:
+            explanation: from ``explain(..., top_k=K)``: one image, one class per batch row.
+            base: a class-discriminative one-pass method among the explanation's methods.
+            activation, norm: see :func:`fuse`.
+            multilabel: whether ``scores`` are sigmoid scores (the legend then says so).
+            scores: ``(num_classes,)`` score of every class; default the explanation's softmax.
+
+        Raises:
+            FusionError: ``base`` is not class-discriminative, or the explanation is not a top-K capture.
+        """
+        ex = explanation
+        base = check_base(base)
+        fused = fmgcam_sweep(ex, base, activation, norm=norm)
+        classes = tuple(int(c) for c in ex.targets)
+        scores = ex.probabilities[0] if scores is None else scores
+        return cls(
+            classes=classes,
+            names=tuple(ex.target_names),
+            probabilities=tuple(float(scores[c]) for c in classes),
+            base=base,
+            activation=activation,
+            norm=norm,
+            multilabel=multilabel,
+            layers=tuple(fused),
+            fused=fused,
+            base_maps=dict(ex.maps[base]),
+            explanation=ex,
+        )
+
     @property
     def colors(self) -> np.ndarray:
         """``(K, 3)`` uint8 class colours."""
         return class_colors(len(self.classes))
+
+    def class_table(self) -> list[dict[str, Any]]:
+        """One manifest entry per class: rank, class index, name, probability and RGB colour."""
+        return [
+            {"rank": i + 1, "class": c, "name": n, "probability": p, "color": [int(v) for v in col]}
+            for i, (c, n, p, col) in enumerate(
+                zip(self.classes, self.names, self.probabilities, self.colors, strict=True)
+            )
+        ]
+
+    def legend_strip(self, width: int, *, font_size: int = 12) -> np.ndarray:
+        """The legend (swatch, name, probability per class) ``(h, width, 3)`` uint8, ``h`` even."""
+        label = "sigmoid" if self.multilabel else "p"
+        strip = legend(self.names, self.probabilities, self.colors, width, label=label, font_size=font_size)
+        return strip if strip.shape[0] % 2 == 0 else np.concatenate([strip, strip[-1:]], axis=0)
+
+    def with_legend(self, figure: np.ndarray, *, font_size: int = 12) -> np.ndarray:
+        """``figure`` ``(H, W, 3)`` with :meth:`legend_strip` below it: ``(H + h, W, 3)`` uint8."""
+        return np.concatenate([figure, self.legend_strip(figure.shape[1], font_size=font_size)], axis=0)
 
     def overlay(self, layer: str | None = None, **kwargs: Any) -> np.ndarray:
         """The fused overlay ``(H, W, 3)`` uint8 at ``layer`` (default the last); see :func:`fused_overlay`."""
@@ -286,11 +393,8 @@ class FMGCAMResult:
             for k, name in enumerate(self.names):
                 tiles.append(overlay(display, normalize(up[k].numpy()), "jet"))
                 titles.append(f"{self.base}: {name}")
-        label = "sigmoid" if self.multilabel else "p"
         figure = grid([tiles], col_titles=titles, title=f"{self.explanation.model_name} - layer {layer}")
-        strip = legend(self.names, self.probabilities, self.colors, figure.shape[1], label=label)
-        out = np.concatenate([figure, strip], axis=0)
-        return out if out.shape[0] % 2 == 0 else np.concatenate([out, out[-1:]], axis=0)
+        return self.with_legend(figure)  # grid's height is even, so the figure's stays even
 
     def save(
         self, out: str | os.PathLike, *, force: bool = False, command: str = "", panels: bool = True
@@ -338,12 +442,7 @@ def write_fmgcam(result: FMGCAMResult, bundle: Any, *, panels: bool = True) -> N
     bundle.manifest["fmgcam"] = {
         "paper": "Rammuni Silva and Bird, FM-G-CAM, 2024 (Eqs 1-6)",
         "k": len(result.classes),
-        "classes": [
-            {"rank": i + 1, "class": c, "name": n, "probability": p, "color": [int(v) for v in col]}
-            for i, (c, n, p, col) in enumerate(
-                zip(result.classes, result.names, result.probabilities, result.colors, strict=True)
-            )
-        ],
+        "classes": result.class_table(),
         "probability": "sigmoid" if result.multilabel else "softmax",
         "base": result.base,
         "activation": result.activation,
@@ -393,34 +492,16 @@ def fmgcam(
         torch.Size([3, 7, 7])
     """
     from camanim.explanation import _as_loaded, explain
-    from camanim.methods import method_class
 
-    cls = method_class(base)
-    if cls.cost != "one_pass" or not cls.class_discriminative:
-        raise ValueError(f"FM-G-CAM needs a class-discriminative one-pass base method, not {cls.name!r}")
+    base = check_base(base)
     if activation not in ACTIVATIONS:
         raise UnknownNameError("activation", activation, ACTIVATIONS)
     lm = _as_loaded(model, device)
-    ex = explain(
-        lm, image, methods=cls.name, layers=layers, top_k=k, score="sigmoid" if multilabel else "logit"
-    )
-    classes = tuple(int(c) for c in ex.targets)
+    ex = explain(lm, image, methods=base, layers=layers, top_k=k, score="sigmoid" if multilabel else "logit")
+    scores = None
     if multilabel:  # explain ranked by softmax, which orders classes as the sigmoid does; the values differ
         with frozen_eval(lm.model), torch.no_grad():
             scores = lm.model(ex.input[:1].to(lm.device)).float().sigmoid()[0].cpu()
-    else:
-        scores = ex.probabilities[0]
-    fused = fmgcam_sweep(ex, cls.name, activation, norm=norm)
-    return FMGCAMResult(
-        classes=classes,
-        names=tuple(ex.target_names),
-        probabilities=tuple(float(scores[c]) for c in classes),
-        base=cls.name,
-        activation=activation,
-        norm=norm,
-        multilabel=multilabel,
-        layers=tuple(fused),
-        fused=fused,
-        base_maps=dict(ex.maps[cls.name]),
-        explanation=ex,
+    return FMGCAMResult.from_explanation(
+        ex, base, activation, norm=norm, multilabel=multilabel, scores=scores
     )
