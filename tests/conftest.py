@@ -17,7 +17,9 @@ SIZE = 48
 SHAPE = 12
 
 
-def _draw(kind: int, rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def _draw(
+    kind: int, rng: np.random.Generator, size: int = SIZE
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One noisy grey image (3, size, size) with a bright shape: 0 = filled square, 1 = hollow ring.
 
     Returns the image and the shape's box ``(top, left, bottom, right)`` (exclusive ends).
@@ -120,6 +122,9 @@ def resnet18():
 def no_hooks(model: nn.Module) -> bool:
     """Whether no module of ``model`` holds a forward, pre-forward or backward hook."""
     return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks and not m._backward_pre_hooks
+        not m._forward_hooks
+        and not m._forward_pre_hooks
+        and not m._backward_hooks
+        and not m._backward_pre_hooks
         for m in model.modules()
     )

@@ -54,7 +54,9 @@ def test_unused_branch_reported_not_crashed():
 def test_default_model_bn_drop_is_pre_activation(default_model):
     """timm's BatchNormAct2d applies an in-place ReLU6 to its ``drop`` output: the recorded value must not be clipped."""
     x = torch.randn(1, 3, 224, 224)
-    res = capture(default_model.model, x, ClassLogit((285,)), lambda layer: layer.name in ("bn1.drop", "bn1.act"))
+    res = capture(
+        default_model.model, x, ClassLogit((285,)), lambda layer: layer.name in ("bn1.drop", "bn1.act")
+    )
     pre, post = res.values["bn1.drop"], res.values["bn1.act"]
     assert pre.min() < 0 and pre.max() > 6  # the BN output itself
     assert torch.allclose(post, pre.clamp(0, 6))
@@ -115,7 +117,70 @@ def test_one_forward_for_all_layers(resnet18):
 
 def test_consumer_receives_every_layer_once(tiny_model):
     seen = []
-    res = capture(tiny_model, torch.randn(2, 3, 32, 32), ClassLogit((0,)), _all, consumer=lambda layer, v, g: seen.append((layer.name, v.shape, g.shape)))
+    res = capture(
+        tiny_model,
+        torch.randn(2, 3, 32, 32),
+        ClassLogit((0,)),
+        _all,
+        consumer=lambda layer, v, g, k: seen.append((layer.name, v.shape, g.shape)),
+    )
     assert sorted(n for n, _, _ in seen) == sorted(layer.name for layer in res.chosen)
     assert all(vs == gs for _, vs, gs in seen)
     assert not res.values  # handed over, not kept
+
+
+class InPlaceWhenFlagged(nn.Module):
+    """Modifies ``conv``'s output in place only when ``flag`` is set: a path the dry run may not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.head = nn.Linear(2 * 3 * 3, 2)
+        self.flag = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.flag:
+            y.mul_(3.0)
+        return self.head(y.flatten(1))
+
+
+def test_modified_in_place_found_by_the_dry_run(resnet18):
+    from camanim.layers import modified_in_place
+
+    mod = modified_in_place(resnet18, (1, 3, 64, 64))
+    # ReLU(inplace=True) after every BN; ``out += identity`` on a block's last BN.
+    assert {"bn1", "layer1.0.bn1", "layer1.0.bn2", "layer4.1.bn2"} <= mod
+    assert not {"conv1", "layer1.0.conv1", "maxpool", "layer1.0.relu", "layer1.0.relu#2"} & mod
+    assert modified_in_place(InPlaceAfter(), (1, 1, 3, 3)) == {"conv"}
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "default_model"])
+def test_references_equal_copies(model_name, request):
+    """Holding unmodified outputs by reference gives exactly what copying every output gives."""
+    fixture = request.getfixturevalue(model_name)
+    model = getattr(fixture, "model", fixture)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 96, 96)
+    lean = capture(model, x, ClassLogit((3, 7)), _all)
+    full = capture(model, x, ClassLogit((3, 7)), _all, copy_all=True)
+    assert lean.values.keys() == full.values.keys() and len(lean.values) > 20
+    for name in full.values:
+        assert torch.equal(lean.values[name], full.values[name]), name
+        g1, g2 = lean.gradients[name], full.gradients[name]
+        assert (g1 is None and g2 is None) or torch.equal(g1, g2), name
+
+
+def test_path_not_taken_by_the_dry_run_is_caught():
+    """An in-place change the dry run did not see is detected by version counters and the capture redone."""
+    torch.manual_seed(0)
+    model = InPlaceWhenFlagged().eval()
+    x = torch.randn(1, 1, 3, 3)
+    from camanim.layers import modified_in_place
+
+    assert modified_in_place(model, x) == frozenset()
+    model.flag = True
+    res = capture(model, x, ClassLogit((1,)), _all)
+    assert torch.allclose(res.values["conv"], model.conv(x).detach())
+    assert torch.allclose(res.gradients["conv"], 3.0 * model.head.weight[1].detach().reshape(1, 2, 3, 3))
+    assert no_hooks(model)

@@ -26,7 +26,9 @@ def _peak_in_box(up: torch.Tensor, boxes) -> float:
 def test_localisation_on_trained_model(localisation_model):
     assert localisation_model.accuracy > 0.95
     x, y, boxes = synthetic_batch(100, seed=7)
-    ex = camanim.explain(localisation_model.model, x, methods="gradcam,hirescam,layercam", layers="last", target=y.tolist())
+    ex = camanim.explain(
+        localisation_model.model, x, methods="gradcam,hirescam,layercam", layers="last", target=y.tolist()
+    )
     last = ex.chosen[-1].name
     for method in ex.methods:
         assert _peak_in_box(ex.upsampled(method, last), boxes) >= 0.9, method
@@ -34,9 +36,13 @@ def test_localisation_on_trained_model(localisation_model):
 
 def test_random_baseline_does_not_localise_as_well(localisation_model):
     x, y, boxes = synthetic_batch(100, seed=8)
-    ex = camanim.explain(localisation_model.model, x, methods="gradcam,randomcam", layers="last", target=y.tolist())
+    ex = camanim.explain(
+        localisation_model.model, x, methods="gradcam,randomcam", layers="last", target=y.tolist()
+    )
     last = ex.chosen[-1].name
-    assert _peak_in_box(ex.upsampled("gradcam", last), boxes) > _peak_in_box(ex.upsampled("randomcam", last), boxes)
+    assert _peak_in_box(ex.upsampled("gradcam", last), boxes) > _peak_in_box(
+        ex.upsampled("randomcam", last), boxes
+    )
 
 
 def test_sweep_equals_single_layer_runs(resnet18):
@@ -46,7 +52,9 @@ def test_sweep_equals_single_layer_runs(resnet18):
         single = camanim.explain(resnet18, x, methods=ONE_PASS, layers=layer.name, target=7)
         assert [c.name for c in single.chosen] == [layer.name]
         for m in sweep.methods:
-            assert torch.allclose(sweep.raw(m, layer.name), single.raw(m, layer.name), rtol=1e-4, atol=1e-6), (m, layer.name)
+            assert torch.allclose(
+                sweep.raw(m, layer.name), single.raw(m, layer.name), rtol=1e-4, atol=1e-6
+            ), (m, layer.name)
 
 
 def test_batch_equals_one_by_one(resnet18):
@@ -55,10 +63,16 @@ def test_batch_equals_one_by_one(resnet18):
     targets = [1, 500, 999]
     batch = camanim.explain(resnet18, x, methods=ONE_PASS, layers="first,middle,last", target=targets)
     for b in range(3):
-        one = camanim.explain(resnet18, x[b : b + 1], methods=ONE_PASS, layers="first,middle,last", target=targets[b])
+        one = camanim.explain(
+            resnet18, x[b : b + 1], methods=ONE_PASS, layers="first,middle,last", target=targets[b]
+        )
         for m in batch.methods:
             for layer in batch.chosen:
-                assert torch.allclose(batch.raw(m, layer.name)[b], one.raw(m, layer.name)[0], rtol=1e-3, atol=1e-5), (m, layer.name)
+                got, want = batch.raw(m, layer.name)[b], one.raw(m, layer.name)[0]
+                # The eigen methods' subspace iteration stops at a relative residual of 1e-4, after a
+                # number of iterations that depends on every sample of the batch.
+                atol = 1e-3 * float(want.abs().max()) if m.startswith("eigen") else 1e-5
+                assert torch.allclose(got, want, rtol=1e-3, atol=atol), (m, layer.name)
 
 
 def test_default_model_predicts_and_explains(default_model):
@@ -116,7 +130,9 @@ def test_token_model_maps():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=5).eval()
-    ex = camanim.explain(vit, torch.randn(1, 3, 64, 64), methods="gradcam,hirescam", layers="blocks.*", target=2)
+    ex = camanim.explain(
+        vit, torch.randn(1, 3, 64, 64), methods="gradcam,hirescam", layers="blocks.*", target=2
+    )
     assert ex.chosen and all(layer.kind == "token" for layer in ex.chosen)
     assert ex.raw("gradcam", ex.chosen[-1].name).shape == (1, 4, 4)
 

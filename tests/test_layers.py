@@ -96,7 +96,10 @@ def test_selection_forms(table):
         spatial[(len(spatial) - 1) // 2].name,
         spatial[-1].name,
     ]
-    assert [layer.name for layer in select_layers(table, "layer4.1.conv*")] == ["layer4.1.conv1", "layer4.1.conv2"]
+    assert [layer.name for layer in select_layers(table, "layer4.1.conv*")] == [
+        "layer4.1.conv1",
+        "layer4.1.conv2",
+    ]
     idx = table[5].index
     assert select_layers(table, [idx, "conv1"])[0].name == "conv1"
     # Explicit names are honoured even for a duplicate.

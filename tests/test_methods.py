@@ -38,7 +38,13 @@ def test_hand_computed_gradcam_and_hirescam():
     g = (np.arange(36, dtype=np.float32).reshape(2, 18) / 10 - 1.5)[1].reshape(2, 3, 3)
     gradcam = g.mean(axis=(1, 2))[:, None, None] * a
     hires = g * a
-    ex = camanim.explain(HandSet().eval(), torch.from_numpy(x)[None, None], methods="gradcam,hirescam,layercam", layers="conv", target=1)
+    ex = camanim.explain(
+        HandSet().eval(),
+        torch.from_numpy(x)[None, None],
+        methods="gradcam,hirescam,layercam",
+        layers="conv",
+        target=1,
+    )
     assert np.allclose(ex.raw("gradcam", "conv")[0].numpy(), gradcam.sum(0), atol=1e-5)
     assert np.allclose(ex.raw("hirescam", "conv")[0].numpy(), hires.sum(0), atol=1e-5)
     assert np.allclose(ex.raw("layercam", "conv")[0].numpy(), (np.maximum(g, 0) * a).sum(0), atol=1e-5)
@@ -55,7 +61,9 @@ def test_gradcam_plusplus_and_xgradcam_formulas():
     assert np.allclose(get_method("gradcam++")(a, g).numpy(), np.einsum("bc,bchw->bhw", w, an), atol=1e-5)
     wx = (gn * an / (s + 1e-7)).sum(axis=(2, 3))
     assert np.allclose(get_method("xgradcam")(a, g).numpy(), np.einsum("bc,bchw->bhw", wx, an), atol=1e-5)
-    assert np.allclose(get_method("gradcamelementwise")(a, g).numpy(), np.maximum(gn * an, 0).sum(1), atol=1e-5)
+    assert np.allclose(
+        get_method("gradcamelementwise")(a, g).numpy(), np.maximum(gn * an, 0).sum(1), atol=1e-5
+    )
 
 
 def test_eigen_matches_full_svd_and_sign_convention():

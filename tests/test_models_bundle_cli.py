@@ -32,7 +32,10 @@ def test_torchvision_and_timm_random_weights():
     assert tm.name == "timm:resnet10t" and tm.class_names == tuple(f"class {i}" for i in range(7))
     # The same seed gives the same random weights.
     again = load_model("resnet18", "none")
-    assert all(torch.equal(a, b) for a, b in zip(tv.model.state_dict().values(), again.model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(tv.model.state_dict().values(), again.model.state_dict().values(), strict=True)
+    )
 
 
 def test_no_network_gives_a_clear_error(monkeypatch):
@@ -51,7 +54,10 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.model.state_dict().items()}}, path)
     loaded = load_model("resnet18", path, num_classes=3)
     assert loaded.weights == f"checkpoint {path}"
-    assert all(torch.equal(a, b) for a, b in zip(src.model.state_dict().values(), loaded.model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(src.model.state_dict().values(), loaded.model.state_dict().values(), strict=True)
+    )
     with pytest.raises(WeightsError, match="shape mismatches"):
         load_model("resnet18", path)  # 1000-class head against a 3-class checkpoint
     bad = tmp_path / "bad.pt"
@@ -106,7 +112,19 @@ def test_bundle_resumable_keeps_staging(tmp_path):
 
 def test_cli_explain_writes_bundle(tmp_path, capsys):
     out = tmp_path / "ex"
-    rc = main(["explain", "--image", "coffee", "--method", "gradcam,hirescam", "--layers", "first,last", "--out", str(out)])
+    rc = main(
+        [
+            "explain",
+            "--image",
+            "coffee",
+            "--method",
+            "gradcam,hirescam",
+            "--layers",
+            "first,last",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "espresso" in printed and str(out) in printed

@@ -165,6 +165,54 @@ def test_scorecam_equals_brute_force(tiny, channels_last):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_scorecam_compiled_equals_brute_force(tiny, monkeypatch):
+    """With ``compile=True`` the forwards go through one Inductor graph (batches padded to one size)."""
+    from camanim.methods import perturbation
+
+    made = []
+    real = perturbation.CompiledForward
+
+    def spy(net, batch):
+        made.append(real(net, batch))
+        return made[-1]
+
+    monkeypatch.setattr(perturbation, "CompiledForward", spy)
+    model, x = tiny
+    ref = _brute_scorecam(model, x, model.features[8], 2)
+    ours = ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7, compile=True)
+    assert len(made) == 1 and not made[0].failed  # compiled, and 32 channels = 4 full batches + 1 padded
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scorecam_compile_failure_falls_back_to_eager(tiny, monkeypatch, caplog):
+    def broken(*_args, **_kwargs):
+        def fail(*_a, **_k):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, x = tiny
+    ref = _brute_scorecam(model, x, model.features[8], 2)
+    with caplog.at_level(logging.WARNING):
+        ours = ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7, compile=True)
+    assert "torch.compile failed" in caplog.text
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_scorecam_compiles_only_when_worth_it(tiny, monkeypatch):
+    from camanim.methods import perturbation
+
+    made = []
+    monkeypatch.setattr(perturbation, "CompiledForward", lambda net, batch: made.append(batch) or net)
+    model, x = tiny
+    ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7)  # a few ms: not compiled
+    assert made == []
+    monkeypatch.setattr(perturbation, "COMPILE_WORTH_S", 0.0)
+    ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7)
+    assert made == [7]
+
+
 def test_max_channels_scores_only_the_strongest(tiny):
     model, x = tiny
     a, _ = _acts_and_score(model, x, model.features[8], 1)

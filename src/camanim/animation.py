@@ -1298,7 +1298,7 @@ def animate(
     ex = None
     if reuse is not None:
         x, _, _ = prepare_input(image, lm)
-        if k is not None:  # a top-K capture holds K copies of the image
+        if k is not None:  # a top-K explanation holds one row per class, each the same image
             x = x.expand(k, *x.shape[1:])
         ex = load_staged(reuse, request, x)
         if ex is not None:

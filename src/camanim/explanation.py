@@ -165,7 +165,9 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
         else:  # not an RGB model input: show the channel mean, min-max scaled
             grey = x.mean(dim=1, keepdim=True)
             lo = grey.amin(dim=(2, 3), keepdim=True)
-            pixels = ((grey - lo) / (grey.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)).expand(-1, 3, -1, -1)
+            pixels = ((grey - lo) / (grey.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)).expand(
+                -1, 3, -1, -1
+            )
         display = (pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         return x, display, {"source": "tensor", "shape": list(x.shape)}
     from camanim.images import LoadedImage, load_image
@@ -223,6 +225,7 @@ def explain(
     seed: int = 0,
     batch_size: int = 32,
     max_channels: int | None = None,
+    compile: bool | None = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
 
@@ -245,6 +248,8 @@ def explain(
         seed: seed of seeded methods (RandomCAM).
         batch_size: inputs per extra forward of a per-channel method.
         max_channels: per-channel methods score at most this many channels per layer (an approximation).
+        compile: Score-CAM's forwards through ``torch.compile``: True, False, or None to decide by their
+            estimated time (see :mod:`camanim.methods.perturbation`).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
@@ -281,11 +286,13 @@ def explain(
             return layer.name in allowed
         return (keep_duplicates or layer.same_as is None) and (keep_nonspatial or layer.is_spatial)
 
+    passes = 1
     if top_k is not None:
         # Ranking classes needs the prediction before the capture: one extra no-grad forward of one image.
+        # The capture then shares one forward between the K classes and runs one backward pass per class.
         classes = _resolve_targets(None, _eval_forward(net, x), lm.class_names, top_k)
-        x = x.expand(len(classes), *x.shape[1:]).contiguous()
-        display = np.repeat(display, len(classes), axis=0)
+        passes = len(classes)
+        display = np.repeat(display, passes, axis=0)
     elif target is not None:
         dummy = torch.zeros(x.shape[0], max(len(lm.class_names), 1))
         classes = _resolve_targets(target, dummy, lm.class_names, None)
@@ -293,33 +300,50 @@ def explain(
         classes = None  # the top-1 class, read from the capture's own forward
     timings["layers"] = time.perf_counter() - t
 
-    maps: dict[str, dict[str, Tensor]] = {n: {} for n in names}
+    # parts[method][layer][k]: the map of backward pass k (one pass per class with top_k, else one).
+    parts: dict[str, dict[str, list]] = {n: {} for n in names}
     flags: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in names}
     need_grads = any(m.needs_gradients for m in instances.values())
+    class_free = {n: m for n, m in instances.items() if not m.needs_gradients}
+    with_grads = {n: m for n, m in instances.items() if m.needs_gradients}
 
     kept: dict[str, Tensor] = {}  # per-chosen-layer values, only for per-channel methods
 
-    def consumer(layer: Layer, value: Tensor, grad: Tensor | None) -> None:
-        if per_channel:
+    def consumer(layer: Layer, value: Tensor, grad: Tensor | None, k: int) -> None:
+        if per_channel and k == 0:
             kept[layer.name] = value
-        computed = compute_maps(instances, LayerTensors(value, grad, layer.name))
+        # Gradient-free maps do not depend on the pass: computed at the first and repeated.
+        todo = instances if k == 0 else with_grads
+        computed = compute_maps(todo, LayerTensors(value, grad, layer.name))
         for n in instances:
+            per_pass = parts[n].setdefault(layer.name, [None] * passes)
+            if n in class_free and k > 0:
+                per_pass[k] = per_pass[0]
+                continue
             m = computed.get(n)
             if m is None:  # a gradient method at a layer the gradient never reached
-                maps[n][layer.name] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
+                per_pass[k] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
                 flags[n][layer.name] = ("no_gradient", "flat", "zero")
                 continue
-            extra = ()
             if not torch.isfinite(m).all():
                 m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
-                extra = ("nonfinite",)
-            maps[n][layer.name] = m.detach()
-            flags[n][layer.name] = extra
+                flags[n][layer.name] = ("nonfinite",)
+            per_pass[k] = m.detach()
+            flags[n].setdefault(layer.name, ())
 
-    lazy_target = _LazyTarget(classes, score)
+    lazy_target = _LazyTarget(classes, score, per_pass=passes > 1)
     t = time.perf_counter()
     result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
+    maps: dict[str, dict[str, Tensor]] = {
+        n: {name: p[0] if passes == 1 else torch.cat(p) for name, p in parts[n].items()} for n in names
+    }
+    parts.clear()
+    output = result.output
+    if passes > 1:  # the batch axis holds the classes from here on
+        x = x.expand(passes, *x.shape[1:]).contiguous()
+        output = output.expand(passes, *output.shape[1:])
+        kept = {name: v.expand(passes, *v.shape[1:]) for name, v in kept.items()}
     if per_channel:
         from camanim.methods.perturbation import run_per_channel
 
@@ -334,6 +358,7 @@ def explain(
             target_obj,
             batch_size=batch_size,
             max_channels=max_channels,
+            compile=compile,
         )
         kept.clear()
         for n, per_layer in done.items():
@@ -353,7 +378,7 @@ def explain(
     maps = {n: {k: maps[n][k] for k in order} for n in names}
     flags = {n: {k: flags[n][k] for k in order} for n in names}
     timings["methods_to_cpu"] = time.perf_counter() - t
-    probs = result.output.float().softmax(dim=1).cpu()
+    probs = output.float().softmax(dim=1).cpu()
     targets = tuple(lazy_target.classes)
     timings["total"] = time.perf_counter() - t0
     return Explanation(
@@ -382,16 +407,23 @@ def _eval_forward(net: nn.Module, x: Tensor) -> Tensor:
 
 
 class _LazyTarget:
-    """The target class per sample, decided from the capture's own output when not given (top-1)."""
+    """The target class per sample, decided from the capture's own output when not given (top-1).
 
-    def __init__(self, classes: list[int] | None, score: str) -> None:
+    With ``per_pass``, every class is scored on every sample: ``(B, K)`` scores, one backward pass each.
+    """
+
+    def __init__(self, classes: list[int] | None, score: str, per_pass: bool = False) -> None:
         self.classes = classes
         self.score = score
+        self.per_pass = per_pass
 
     def __call__(self, output: Tensor) -> Tensor:
         if self.classes is None:
             self.classes = [int(i) for i in output.detach().argmax(dim=1)]
-        return TARGET_KINDS[self.score](tuple(self.classes))(output)
+        kind = TARGET_KINDS[self.score]
+        if self.per_pass:
+            return torch.stack([kind((c,))(output) for c in self.classes], dim=1)
+        return kind(tuple(self.classes))(output)
 
 
 def _safe(name: str) -> str:

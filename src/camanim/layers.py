@@ -226,33 +226,63 @@ def list_layers(
     Returns:
         All layers, each with its kind, output shape, parameter count and ``same_as`` mark.
     """
+    return list(_dry_run(model, x, cache)[0])
+
+
+def modified_in_place(
+    model: nn.Module, x: Tensor | Sequence[int] = (1, 3, 224, 224)
+) -> frozenset[str] | None:
+    """Names of the layers whose output a later operation of the forward pass modifies in place.
+
+    Found in the dry run of :func:`list_layers` (cached with it): each output's version counter is read
+    when its hook fires and again after the forward pass. ``bn1`` of a torchvision ResNet block is one
+    (its output goes through ``ReLU(inplace=True)``), as is the ``drop`` output of timm's
+    ``BatchNormAct2d``. ``None`` when it could not be determined (inference tensors keep no versions).
+    The capture copies only these outputs at hook time and holds plain references to the others.
+    """
+    return _dry_run(model, x, True)[1]
+
+
+def _dry_run(
+    model: nn.Module, x: Tensor | Sequence[int], cache: bool
+) -> tuple[tuple[Layer, ...], frozenset[str] | None]:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if not isinstance(x, Tensor):
         x = torch.zeros(tuple(x), device=device)
     key = (tuple(x.shape), x.dtype, str(x.device))
     if cache and key in _CACHE.get(model, {}):
-        return list(_CACHE[model][key])
+        return _CACHE[model][key]
     tracker = LayerTracker(model, x)
     handles = []
     modes = {m: m.training for m in model.modules()}
+    outputs: list[tuple[str, Tensor, int]] = []
+    untracked = False
     try:
 
         def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
-            tracker.observe(module, output)  # a hook's return value would replace the output
+            nonlocal untracked
+            layer = tracker.observe(module, output)  # a hook's return value would replace the output
+            if isinstance(output, Tensor):
+                if output.is_inference():  # inference tensors keep no version counter
+                    untracked = True
+                else:
+                    outputs.append((layer.name, output, output._version))
 
         for m in tracker.names:
             handles.append(m.register_forward_hook(hook))
         model.eval()
-        with torch.no_grad():
-            model(x)
+        with torch.inference_mode(False), torch.no_grad():
+            model(x.clone() if x.is_inference() else x)
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+    mutated = None if untracked else frozenset(name for name, t, version in outputs if t._version != version)
+    entry = (tuple(tracker.layers), mutated)
     if cache:
-        _CACHE.setdefault(model, {})[key] = tuple(tracker.layers)
-    return tracker.layers
+        _CACHE.setdefault(model, {})[key] = entry
+    return entry
 
 
 def default_layers(
@@ -320,7 +350,9 @@ def select_layers(
         if spec < 1:
             raise LayerSelectionError(f"the number of last layers must be at least 1, got {spec}")
         if spec > len(pool):
-            raise LayerSelectionError(f"asked for the last {spec} layers but the model has {len(pool)} spatial layers")
+            raise LayerSelectionError(
+                f"asked for the last {spec} layers but the model has {len(pool)} spatial layers"
+            )
         return pool[-spec:]
     chosen: dict[int, Layer] = {}
     by_name = {layer.name: layer for layer in layers}

@@ -103,9 +103,15 @@ def compute_maps(methods: Mapping[str, CAMMethod], t: LayerTensors) -> dict[str,
     methods come from one batched product with ``A`` rather than one pass over ``A`` each.
     """
     out: dict[str, Tensor] = {}
-    weighted = [n for n, m in methods.items() if m.uses_channel_weights and not (m.needs_gradients and t.grads is None)]
+    weighted = [
+        n
+        for n, m in methods.items()
+        if m.uses_channel_weights and not (m.needs_gradients and t.grads is None)
+    ]
     if weighted:
-        w = torch.stack([methods[n].channel_weights(t).to(t.acts.dtype) for n in weighted], dim=1)  # (B, M, C)
+        w = torch.stack(
+            [methods[n].channel_weights(t).to(t.acts.dtype) for n in weighted], dim=1
+        )  # (B, M, C)
         b, c, h, wd = t.acts.shape
         maps = torch.bmm(w, t.acts.reshape(b, c, h * wd)).reshape(b, len(weighted), h, wd)
         out.update({n: maps[:, i] for i, n in enumerate(weighted)})

@@ -25,9 +25,10 @@ tensors are one tensor multiplied in place, so only the top-1 map is right (clas
 product of the channel weights of classes ``1..k``); it L2-normalises along the height axis
 (``F.normalize(maps, dim=1)`` on ``(K, h, w)``) instead of over the stack; it min-max normalises the
 result for display (done here at rendering); it runs K backward passes with ``.backward()``, leaving
-``.grad`` filled and every parameter with ``requires_grad = False``. Here the K backward passes are one
-``torch.autograd.grad`` of a batch of K copies of the image (:func:`camanim.explain` with ``top_k``), and
-the model is left as found.
+``.grad`` filled and every parameter with ``requires_grad = False``. Here the K classes share one forward
+pass and their K backward passes are ``torch.autograd.grad`` calls on its retained graph
+(:func:`camanim.explain` with ``top_k``; cheaper on a CPU than one pass over a batch of K copies of the
+image, see benchmarks/RESULTS.md), and the model is left as found.
 
 Every layer of a network, one video frame each: ``camanim animate --method fmgcam`` (:mod:`camanim.fused_frames`).
 
@@ -468,9 +469,9 @@ def fmgcam(
 ) -> FMGCAMResult:
     """FM-G-CAM of the top-``k`` classes of one image at the chosen layers.
 
-    The K class maps come from one :func:`camanim.explain` call with ``top_k=k``: one forward and one
-    ``torch.autograd.grad`` of a batch of K copies of the image (batched gradients), plus the no-grad
-    forward that ranks the classes.
+    The K class maps come from one :func:`camanim.explain` call with ``top_k=k``: one forward and K
+    ``torch.autograd.grad`` calls on its graph, one per class, plus the no-grad forward that ranks the
+    classes.
 
     Args:
         model: a :class:`~camanim.models.LoadedModel`, an ``nn.Module`` or a model name.

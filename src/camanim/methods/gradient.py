@@ -63,9 +63,11 @@ class GradCAMPlusPlus(CAMMethod):
 
     def channel_weights(self, t: LayerTensors) -> Tensor:
         g = t.grads
+        # alpha * ReLU(G) = G^2 ReLU(G) / (G^2 (2 + sum A * G) + 1e-6): 0 wherever G <= 0, which covers
+        # grad-cam's G == 0 mask. Built in place on two buffers: the layer's largest temporaries.
         g2 = g.square()
-        # alpha * ReLU(G) in one expression; it is 0 wherever G <= 0, which covers grad-cam's G == 0 mask.
-        return (g2 * g.clamp_min(0) / (g2 * (2 + t.act_sums * g) + 1e-6)).sum(dim=(2, 3))
+        den = torch.mul(g, t.act_sums).add_(2).mul_(g2).add_(1e-6)
+        return g.clamp_min(0).mul_(g2).div_(den).sum(dim=(2, 3))
 
 
 @register_method("xgradcam")
