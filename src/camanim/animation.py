@@ -15,9 +15,12 @@ before its "global" step, which made its global videos identical to its local on
 ``methods="fmgcam"`` animates FM-G-CAM, the top-K classes fused into one map per layer, one hue per class
 (:mod:`camanim.fused_frames`: its ranges, legend and the treatment of ELU/GELU negatives).
 
-Rendering is vectorised: all layers of one native size are upsampled in one call, normalised and coloured as
-arrays, and a :class:`~camanim.render.FrameComposer` built once per video adds the caption, colour bars and
-progress strip; frames stream into ffmpeg (:mod:`camanim.video`).
+This module holds :class:`Animation` (its ranges and normalisation, the bundle writer) and :func:`animate`.
+The rest lives beside it: :mod:`camanim.frames` renders the frames of every layout (vectorised: all layers
+of one native size upsampled in one call, normalised and coloured as arrays, a
+:class:`~camanim.render.FrameComposer` built once per video); :mod:`camanim.figures` makes ``strip.png``,
+``params.png`` and ``layers.csv``; :mod:`camanim.resume` stages what an interrupted save needs to go on.
+Frames stream into ffmpeg (:mod:`camanim.video`).
 
 Example:
     >>> import camanim
@@ -30,14 +33,9 @@ Example:
 from __future__ import annotations
 
 import base64
-import csv
 import dataclasses
-import hashlib
 import html
-import io
-import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -48,35 +46,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from camanim.bundle import Bundle, open_bundle, staging_path
+from camanim import figures, frames
+from camanim.bundle import Bundle, open_bundle
 from camanim.errors import CamanimError, UnknownNameError
-from camanim.explanation import (
-    Explanation,
-    _as_loaded,
-    describe,
-    explain,
-    prepare_input,
-    write_explanation,
-)
-from camanim.fused_frames import FMGCAM, LegendComposer, describe_fusion, fused_options, fused_stack
+from camanim.explanation import Explanation, _as_loaded, explain, prepare_input
+from camanim.figures import PERCENTILES, Strip
+from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions, shrink
+from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
 from camanim.layers import Layer, LayerSpec
-from camanim.methods import method_class
-from camanim.methods.fused import FMGCAMResult, blend_classes
-from camanim.models import DEFAULT_MODEL, LoadedModel, Preprocessing
+from camanim.methods.fused import FMGCAMResult
+from camanim.models import DEFAULT_MODEL, LoadedModel
 from camanim.normalize import Range
-from camanim.render import (
-    FrameComposer,
-    FrameStyle,
-    colormap_lut,
-    grid,
-    overlay_batch,
-    save_png,
-    upsample_by_size,
-)
+from camanim.render import FrameComposer, FrameStyle, colormap_lut
+from camanim.resume import STATE_FILE as STATE_FILE
+from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation
 from camanim.video import FORMATS, default_fps, open_writer
 
 __all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip", "animate"]
@@ -84,24 +69,6 @@ __all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip"
 logger = logging.getLogger(__name__)
 
 NORMS = ("local", "global", "global-all")
-LAYOUTS = ("side-by-side", "local", "global", "grid")
-PERCENTILES = tuple(range(0, 101, 10))
-#: Layers upsampled at once while rendering: bounds memory to ~25 MB per method at 224x224.
-CHUNK = 128
-#: Staged description of the explanation, read by ``reuse`` to skip the capture of an interrupted run.
-STATE_FILE = "animation.json"
-
-_TITLES = {
-    "local": "local: layer min-max",
-    "global": "global: all layers",
-    "global-all": "global: all methods",
-}
-_SHORT = {"local": "local", "global": "global", "global-all": "global (all methods)"}
-_STATE_FILES = {
-    "input.npy": "input tensor (B, 3, H, W) float32",
-    "maps.npz": "raw maps",
-    STATE_FILE: "what produced the maps (read by --resume)",
-}
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -127,30 +94,6 @@ class LayerStats:
         return Range(self.min, self.max)
 
 
-@dataclass(frozen=True)
-class Strip:
-    """The strip figure: layers at every 10th percentile of depth (paper Figs 4 and 5).
-
-    Attributes:
-        image: ``(H, W, 3)`` uint8 figure.
-        percentiles: the depth percentile of each column (0, 10, ..., 100).
-        positions: each column's frame position (0-based index into the kept layers).
-        layers: each column's layer name.
-        rows: each row's label, ``"<method> · <normalisation>"``.
-    """
-
-    image: np.ndarray = field(repr=False)
-    percentiles: tuple[int, ...]
-    positions: tuple[int, ...]
-    layers: tuple[str, ...]
-    rows: tuple[str, ...]
-
-    @property
-    def n_columns(self) -> int:
-        """Number of columns (11)."""
-        return len(self.percentiles)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -169,52 +112,6 @@ def _parse_choice(value: str | Sequence[str], choices: Sequence[str], kind: str)
     return tuple(out)
 
 
-def _tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tuple[int, int]:
-    if size is None:
-        return in_hw
-    if isinstance(size, int):
-        if size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {size}")
-        scale = size / max(in_hw)
-        return max(1, round(in_hw[0] * scale)), max(1, round(in_hw[1] * scale))
-    h, w = int(size[0]), int(size[1])
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    return h, w
-
-
-def _shrink(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize ``(N, H, W)`` (or ``(N, K, H, W)``) to ``size``; antialiased when shrinking. Every output value is a
-    convex combination of input values, so it stays inside the range the input was normalised by."""
-    if stack.shape[-2:] == tuple(size):
-        return stack
-    t = torch.from_numpy(stack.reshape(-1, 1, *stack.shape[-2:]))
-    shrinking = size[0] < stack.shape[-2] or size[1] < stack.shape[-1]
-    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
-    return out.numpy().reshape(*stack.shape[:-2], *size)
-
-
-def _normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:
-    """:func:`camanim.normalize.normalize` of each map of ``(N, H, W)`` (or ``(N, K, H, W)``) by its own range.
-
-    ``nan_safe=False`` skips the NaN pass when the caller's colour lookup treats NaN as 0 anyway."""
-    axes = (-1,) + (1,) * (stack.ndim - 1)
-    lo = np.array([r.low for r in ranges], np.float32).reshape(axes)
-    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32).reshape(axes)
-    out = stack - lo
-    out *= inv
-    np.clip(out, 0.0, 1.0, out=out)
-    if nan_safe:
-        np.nan_to_num(out, copy=False, nan=0.0)
-    return out
-
-
-def _fmt_size(layer: Layer) -> str:
-    if layer.map_size:
-        return f"{layer.map_size[0]}x{layer.map_size[1]}"
-    return "x".join(str(s) for s in layer.shape[1:]) or "-"
-
-
 def skip_reason(layer: Layer) -> str | None:
     """Why a sweep leaves ``layer`` out (non-spatial output, or a repeat of an earlier tensor), else None."""
     if not layer.is_spatial:
@@ -225,35 +122,6 @@ def skip_reason(layer: Layer) -> str | None:
     return None
 
 
-def _upsampled_stack(
-    ex: Explanation, method: str, layers: Sequence[Layer], positions: Sequence[int], sample: int
-) -> np.ndarray:
-    """Maps of ``layers[positions]`` after the method's ReLU, upsampled to the input size.
-
-    Maps sharing a native size go through one ``resize_maps`` call; each result equals
-    ``ex.upsampled(method, layer)[sample]`` exactly (same interpolation, one plane at a time).
-
-    Returns:
-        ``(n, H_in, W_in)`` float32.
-    """
-    maps = [ex.maps[method][layers[p].name][sample] for p in positions]
-    return upsample_by_size(maps, tuple(ex.input.shape[-2:]), relu=method_class(method).relu)
-
-
-def _method_stack(
-    ex: Explanation,
-    fusion: FMGCAMResult | None,
-    method: str,
-    layers: Sequence[Layer],
-    positions: Sequence[int],
-    sample: int,
-) -> np.ndarray:
-    """What normalisation scales: :func:`_upsampled_stack`, or with ``fusion`` the fused maps ``(n, K, H, W)``."""
-    if fusion is not None:
-        return fused_stack(fusion, [layers[p].name for p in positions], tuple(ex.input.shape[-2:]))
-    return _upsampled_stack(ex, method, layers, positions, sample)
-
-
 def _layer_stats(
     ex: Explanation, fusion: FMGCAMResult | None, method: str, layers: Sequence[Layer], sample: int
 ) -> tuple[LayerStats, ...]:
@@ -262,24 +130,13 @@ def _layer_stats(
     n = len(layers)
     for start in range(0, n, CHUNK):
         pos = range(start, min(n, start + CHUNK))
-        stack = _method_stack(ex, fusion, method, layers, pos, sample).reshape(len(pos), -1)
+        stack = method_stack(ex, fusion, method, layers, pos, sample).reshape(len(pos), -1)
         lo, hi = stack.min(axis=1), stack.max(axis=1)
         mean = stack.mean(axis=1, dtype=np.float64)
         for a, b, c in zip(lo, hi, mean, strict=True):
             r = Range(float(a), float(b))
             out.append(LayerStats(r.low, r.high, float(c), r.is_flat()))
     return tuple(out)
-
-
-def _input_pngs(batch: int) -> list[str]:
-    return ["input.png"] if batch == 1 else [f"input_s{b}.png" for b in range(batch)]
-
-
-def _hash_arrays(h: Any, arrays: Sequence[np.ndarray]) -> None:
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.data)
 
 
 # ---------------------------------------------------------------------------------------------- Animation
@@ -428,7 +285,7 @@ class Animation:
             norms=norms,
             layouts=layouts,
             cmap=cmap,
-            size=_tile_size(size, in_hw),
+            size=frames.tile_size(size, in_hw),
             sample=sample,
             alpha=float(alpha),
             stats=stats,
@@ -442,9 +299,6 @@ class Animation:
         )
         anim._cache["timings"] = {"ranges": time.perf_counter() - t0}
         return anim
-
-    def _raw_stack(self, method: str, positions: Sequence[int]) -> np.ndarray:
-        return _method_stack(self.explanation, self.fusion, method, self.layers, positions, self.sample)
 
     # --------------------------------------------------------------------------------------- ranges
 
@@ -474,18 +328,6 @@ class Animation:
 
     # ------------------------------------------------------------------------------------- rendering
 
-    def _positions(self, positions: Sequence[int] | slice | None) -> list[int]:
-        n = len(self.layers)
-        if positions is None:
-            return list(range(n))
-        if isinstance(positions, slice):
-            return list(range(n))[positions]
-        out = [int(p) + (n if int(p) < 0 else 0) for p in positions]
-        bad = [p for p in out if not 0 <= p < n]
-        if bad:
-            raise IndexError(f"frame positions {bad} out of range 0..{n - 1}")
-        return out
-
     def normalized(
         self,
         method: str,
@@ -505,18 +347,9 @@ class Animation:
             ``(n, H, W)`` float32 in ``[0, 1]``; 1 only where a map reaches its range's maximum. FM-G-CAM:
             ``(n, K, H, W)``, each class's intensity.
         """
-        pos = self._positions(positions)
-        stack = _shrink(self._raw_stack(method, pos), size or self.size)
-        return _normalize_stack(stack, [self.range_for(method, norm, p) for p in pos])
-
-    def _display(self, size: tuple[int, int]) -> np.ndarray:
-        key = ("display", size)
-        if key not in self._cache:
-            img = self.explanation.display[self.sample]
-            if img.shape[:2] != tuple(size):
-                img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-            self._cache[key] = np.ascontiguousarray(img)
-        return self._cache[key]
+        pos = resolve_positions(len(self.layers), positions)
+        stack = shrink(raw_stack(self, method, pos), size or self.size)
+        return normalize_stack(stack, [self.range_for(method, norm, p) for p in pos])
 
     def overlays(
         self,
@@ -526,93 +359,20 @@ class Animation:
         size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """The coloured maps over the image, as the tiles of the frames: ``(n, H, W, 3)`` uint8."""
-        size = size or self.size
-        pos = self._positions(positions)
-        stack = _shrink(self._raw_stack(method, pos), size)
-        return self._colour(stack, method, norm, pos, size)
-
-    def _colour(
-        self, stack: np.ndarray, method: str, norm: str, pos: Sequence[int], size: tuple[int, int]
-    ) -> np.ndarray:
-        norm_maps = _normalize_stack(stack, [self.range_for(method, norm, p) for p in pos], nan_safe=False)
-        if self.fusion is not None:  # fused_overlay's blend: each class in its hue
-            return blend_classes(norm_maps, self._display(size), self.fusion.colors, self.alpha)
-        return overlay_batch(self._display(size), norm_maps, colormap_lut(self.cmap), self.alpha)
-
-    def _layout_norms(self, layout: str) -> tuple[str, ...]:
-        if layout in ("side-by-side", "grid"):
-            return self.norms
-        if layout == "local":
-            return ("local",)
-        if layout == "global":
-            return (
-                ("global-all",) if "global-all" in self.norms and "global" not in self.norms else ("global",)
-            )
-        raise UnknownNameError("layout", layout, LAYOUTS)
+        return frames.overlays(self, method, norm, positions, size)
 
     def target_text(self) -> str:
         """``"target <name> (p=<probability>)"`` of the animated sample (FM-G-CAM: its K classes' summary)."""
-        if self.fusion is not None:
-            return (
-                f"top-{len(self.fusion.classes)} classes fused ({self.fusion.base}, {self.fusion.activation})"
-            )
-        ex = self.explanation
-        c = ex.targets[self.sample]
-        p = float(ex.probabilities[self.sample, c]) if c < ex.probabilities.shape[1] else float("nan")
-        return f"target {ex.target_names[self.sample]} (p={p:.3f})"
+        return frames.target_text(self)
 
     def caption(self, method: str | None, position: int) -> list[str]:
         """Caption lines of frame ``position``: layer index/total and name; module type and native map size;
-        method(s), target class and probability; flags and ROAD. (Parameter counts are in ``layers.csv``:
-        a line that changes every frame costs a text rendering per frame.)"""
-        layer = self.layers[position]
-        n = len(self.layers)
-        shown = self.methods if method is None else (method,)
-        line3 = f"{', '.join(shown)} · {self.target_text()}"
-        notes = []
-        for m in shown:
-            prefix = f"{m}: " if len(shown) > 1 else ""
-            fl = self.flags(m, position)
-            if "flat" in fl:
-                notes.append(prefix + "flat map (constant after ReLU)")
-            if "no_gradient" in fl:
-                notes.append(prefix + "no gradient reaches this layer")
-            if self.road and m in self.road:
-                v = self.road[m][position]
-                notes.append(f"{prefix}ROAD {v:.3f}" if math.isfinite(v) else f"{prefix}ROAD n/a")
-        return [
-            f"layer {position + 1}/{n}: {layer.name}",
-            f"{layer.type} · map {_fmt_size(layer)}",
-            line3,
-            " · ".join(notes),
-        ]
-
-    def _curve(self, method: str | None) -> np.ndarray | None:
-        if not self.road:
-            return None
-        key = next(iter(self.road)) if method is None else method
-        return np.asarray(self.road[key], np.float64) if key in self.road else None
+        method(s), target class and probability; flags and ROAD (:func:`camanim.frames.caption`)."""
+        return frames.caption(self, method, position)
 
     def _composers(self, method: str | None, layout: str) -> list[tuple[str, FrameComposer]]:
-        """One composer per video (a row of tiles); the grid stacks one row per method, captions in the last."""
-        norms = self._layout_norms(layout)
-
-        def composer(titles: list[str], curve: np.ndarray | None, style: FrameStyle) -> FrameComposer:
-            if self.fusion is not None:  # no colour bar: the hue is the class; a legend instead
-                return LegendComposer(self.size, titles, self.fusion, curve, style)
-            return FrameComposer(self.size, titles, [colormap_lut(self.cmap)] * len(titles), curve, style)
-
-        if layout != "grid":
-            assert method is not None
-            titles = [f"{method} · {_TITLES[n]}" if len(norms) == 1 else _TITLES[n] for n in norms]
-            return [(method, composer(titles, self._curve(method), self.style))]
-        rows = []
-        for r, m in enumerate(self.methods):
-            last = r == len(self.methods) - 1
-            style = self.style if last else dataclasses.replace(self.style, caption_lines=0, progress=False)
-            titles = [f"{m} · {_SHORT[n]}" for n in norms]
-            rows.append((m, composer(titles, self._curve(None) if last else None, style)))
-        return rows
+        """One composer per video row (:func:`camanim.frames.composers`)."""
+        return frames.composers(self, method, layout)
 
     def frames(
         self, method: str | None = None, layout: str | None = None, positions: Sequence[int] | None = None
@@ -628,38 +388,7 @@ class Animation:
         Yields:
             ``(Hf, Wf, 3)`` uint8 RGB frames of one fixed, even size.
         """
-        layout = layout or self.layouts[0]
-        if layout not in LAYOUTS:
-            raise UnknownNameError("layout", layout, LAYOUTS)
-        method = method or self.methods[0]
-        if method not in self.methods:
-            raise UnknownNameError("method", method, self.methods)
-        norms = self._layout_norms(layout)
-        rows = self._composers(None if layout == "grid" else method, layout)
-        pos = self._positions(positions)
-        n = len(self.layers)
-        for start in range(0, len(pos), CHUNK):
-            chunk = pos[start : start + CHUNK]
-            tiles: dict[tuple[str, str], np.ndarray] = {}
-            for m, _ in rows:
-                stack = _shrink(self._raw_stack(m, chunk), self.size)
-                for nm in norms:
-                    tiles[m, nm] = self._colour(stack, m, nm, chunk, self.size)
-                del stack
-            for j, p in enumerate(chunk):
-                parts = []
-                for r, (m, composer) in enumerate(rows):
-                    last = r == len(rows) - 1
-                    caption = self.caption(None if layout == "grid" else m, p) if last else ()
-                    parts.append(
-                        composer(
-                            [tiles[m, nm][j] for nm in norms],
-                            caption,
-                            ranges=[self.range_for(m, nm, p) for nm in norms],
-                            progress=(p + 1) / n if last else None,
-                        )
-                    )
-                yield parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return frames.render(self, method, layout, positions)
 
     def frame(self, position: int, method: str | None = None, layout: str | None = None) -> np.ndarray:
         """Render the single frame at ``position`` (negative counts from the end)."""
@@ -692,157 +421,26 @@ class Animation:
         Returns:
             A :class:`Strip`; its ``image`` has 11 columns per row.
         """
-        n = len(self.layers)
-        positions = tuple(round(p / 100 * (n - 1)) for p in PERCENTILES)
-        size = _tile_size(tile, self.size)
-        rows, labels = [], []
-        for m in self.methods:
-            stack = _shrink(self._raw_stack(m, positions), size)
-            for nm in self.norms:
-                rows.append(list(self._colour(stack, m, nm, positions, size)))
-                labels.append(f"{m} · {nm}")
-        ex = self.explanation
-        title = (
-            f"{ex.model_name} · {self.target_text()} · layers at every 10th percentile of depth ({n} layers)"
-        )
-        image = grid(
-            rows,
-            row_titles=labels,
-            col_titles=[f"{p}% · #{q + 1}" for p, q in zip(PERCENTILES, positions, strict=True)],
-            title=title,
-            style=self.style,
-        )
-        if self.fusion is not None:
-            image = self.fusion.with_legend(image, font_size=self.style.font_size)
-        return Strip(
-            image=image,
-            percentiles=PERCENTILES,
-            positions=positions,
-            layers=tuple(self.layers[q].name for q in positions),
-            rows=tuple(labels),
-        )
+        return figures.strip(self, tile)
 
     def layer_table(self) -> list[dict[str, Any]]:
-        """One row per layer of ``layers.csv``: every kept layer, then skipped layers with the reason.
-
-        Columns: ``frame`` (1-based, empty when skipped), ``index`` (in the forward pass), ``name``, ``type``,
-        ``kind``, ``map_size``, ``params``, ``kept``, ``skipped`` (reason), and per method ``<m>_min``,
-        ``<m>_max``, ``<m>_mean`` (after ReLU, upsampled: the values normalisation scales; FM-G-CAM: over its
-        K class planes) and ``<m>_flags`` (``flat``, ``no_gradient``... joined by ``;``).
-        """
-        rows: list[tuple[int, dict[str, Any]]] = []
-        for p, layer in enumerate(self.layers):
-            row: dict[str, Any] = {
-                "frame": p + 1,
-                "index": layer.index,
-                "name": layer.name,
-                "type": layer.type,
-                "kind": layer.kind,
-                "map_size": _fmt_size(layer),
-                "params": layer.params,
-                "kept": 1,
-                "skipped": "",
-            }
-            for m in self.methods:
-                s = self.stats[m][p]
-                row |= {
-                    f"{m}_min": s.min,
-                    f"{m}_max": s.max,
-                    f"{m}_mean": s.mean,
-                    f"{m}_flags": ";".join(self.flags(m, p)),
-                }
-            rows.append((layer.index, row))
-        for layer, reason in self.skipped:
-            row = {
-                "frame": "",
-                "index": layer.index,
-                "name": layer.name,
-                "type": layer.type,
-                "kind": layer.kind,
-                "map_size": _fmt_size(layer) if layer.is_spatial else "",
-                "params": layer.params,
-                "kept": 0,
-                "skipped": reason,
-            }
-            for m in self.methods:
-                row |= {f"{m}_min": "", f"{m}_max": "", f"{m}_mean": "", f"{m}_flags": "skipped"}
-            rows.append((layer.index, row))
-        return [r for _, r in sorted(rows, key=lambda t: t[0])]
+        """One row per layer of ``layers.csv`` (columns: :func:`camanim.figures.layer_table`)."""
+        return figures.layer_table(self)
 
     def layer_csv(self) -> str:
         """:meth:`layer_table` as CSV text."""
-        table = self.layer_table()
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
-        return buf.getvalue()
+        return figures.layer_csv(self)
 
     def params_png(self, dpi: int = 110) -> bytes:
         """The parameters of each kept layer on a log scale (paper Fig 3), as PNG bytes (matplotlib)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        params = np.array([layer.params for layer in self.layers], np.float64)
-        types = [layer.type for layer in self.layers]
-        x = np.arange(1, len(params) + 1)
-        fig = Figure(figsize=(10, 3.6), dpi=dpi)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        common = sorted({t for t in types}, key=lambda t: -types.count(t))
-        palette = [f"C{k}" for k in range(10)]
-        for k, t in enumerate(common):
-            sel = np.array([tt == t and p > 0 for tt, p in zip(types, params, strict=True)])
-            if sel.any():
-                label = t if k < 9 else None
-                ax.vlines(x[sel], 1, params[sel], colors=palette[min(k, 9)], lw=1.0, label=label)
-                ax.plot(x[sel], params[sel], "o", ms=2, color=palette[min(k, 9)])
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=1)
-        ax.set_xlim(0, len(params) + 1)
-        ax.set_xlabel("layer (forward order)")
-        ax.set_ylabel("parameters (log scale)")
-        zero = int((params == 0).sum())
-        ax.set_title(
-            f"{self.explanation.model_name}: parameters per layer"
-            + (f" ({zero} layers without parameters not shown)" if zero else ""),
-            fontsize=10,
-        )
-        if any(params > 0):
-            ax.legend(fontsize=7, ncols=min(5, len(common)), loc="upper left", frameon=False)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return figures.params_png(self, dpi)
 
     # -------------------------------------------------------------------------------------- saving
 
     def fingerprint(self) -> str:
         """A hash of everything the videos depend on (input, maps, targets, layers, render settings)."""
         if "fingerprint" not in self._cache:
-            ex = self.explanation
-            h = hashlib.sha1()
-            _hash_arrays(h, [ex.input.numpy()])
-            for m in self.methods if self.fusion is None else (self.fusion.base,):
-                _hash_arrays(h, [ex.maps[m][layer.name].numpy() for layer in self.layers])
-            settings = {
-                "methods": self.methods,
-                "layers": [layer.name for layer in self.layers],
-                "targets": ex.targets,
-                "sample": self.sample,
-                "norms": self.norms,
-                "cmap": self.cmap,
-                "size": self.size,
-                "alpha": self.alpha,
-                "fps": self.fps,
-                "road": self.road,
-                "style": repr(self.style),
-            }
-            if self.fusion is not None:
-                settings["fmgcam"] = [self.fusion.base, self.fusion.activation, self.fusion.norm]
-            h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-            self._cache["fingerprint"] = h.hexdigest()
+            self._cache["fingerprint"] = fingerprint_of(self)
         return self._cache["fingerprint"]
 
     def describe(self) -> dict[str, Any]:
@@ -937,20 +535,9 @@ class Animation:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
-            staged = _read_state(bundle.path) if resume else None
-            same = staged is not None and staged.get("fingerprint") == self.fingerprint()
-            if resume and staged is not None and not same:
-                logger.warning("the interrupted run used other maps or settings: rendering every video again")
+            same = resume and matches_staged(self, bundle.path)
             t = time.perf_counter()
-            if same and all(bundle.exists(rel) for rel in ("maps.npz", "input.npy", STATE_FILE)):
-                for rel, role in _STATE_FILES.items():
-                    bundle.file(rel, role)
-                for rel in _input_pngs(self.explanation.display.shape[0]):
-                    bundle.file(rel, "the picture the model saw")
-                bundle.manifest.update(describe(self.explanation))
-            else:
-                write_explanation(self.explanation, bundle, overlays=False)
-                self._write_state(bundle)
+            stage_explanation(self, bundle, keep=same)
             bundle.manifest.pop("overlays", None)
             timings["explanation_files"] = time.perf_counter() - t
             jobs = [(m, lay) for m, lay in self.videos()]
@@ -976,7 +563,7 @@ class Animation:
             timings["render_encode"] = time.perf_counter() - t
             t = time.perf_counter()
             if extras:
-                self._write_extras(bundle, skip_existing=same)
+                figures.write_figures(self, bundle, skip_existing=same)
             if also is not None:
                 also(bundle)
             timings["extras"] = time.perf_counter() - t
@@ -1032,43 +619,6 @@ class Animation:
             if bar is not None:
                 bar.close()
 
-    def _write_extras(self, bundle: Bundle, skip_existing: bool) -> None:
-        extras: dict[str, tuple[str, Callable[[], bytes | str | np.ndarray]]] = {
-            "strip.png": (
-                "strip figure: layers at every 10th percentile of depth",
-                lambda: self.strip().image,
-            ),
-            "layers.csv": (
-                "one row per layer: kept or skipped (why), sizes, raw ranges, flags",
-                self.layer_csv,
-            ),
-            "params.png": ("parameters per kept layer, log scale", self.params_png),
-        }
-        for rel, (role, make) in extras.items():
-            if skip_existing and bundle.exists(rel):
-                bundle.file(rel, role)
-                continue
-            data = make()
-            if isinstance(data, np.ndarray):
-                save_png(bundle.file(rel, role), data)
-            elif isinstance(data, str):
-                bundle.write_text(rel, data, role)
-            else:
-                bundle.write_bytes(rel, data, role)
-
-    def _write_state(self, bundle: Bundle) -> None:
-        ex = self.explanation
-        for b, rel in enumerate(_input_pngs(ex.display.shape[0])):
-            save_png(bundle.file(rel, "the picture the model saw"), ex.display[b])
-        state = {
-            "request": self.request,
-            "fingerprint": self.fingerprint(),
-            "explanation": describe(ex),
-            "probabilities": ex.probabilities.tolist(),
-            "class_names": list(ex.class_names),
-        }
-        bundle.write_json(STATE_FILE, state, _STATE_FILES[STATE_FILE])
-
     # -------------------------------------------------------------------------------------- notebook
 
     def _repr_html_(self) -> str:
@@ -1119,105 +669,6 @@ class _ProgressBar:
 
     def close(self) -> None:
         self._p.stop()
-
-
-# ----------------------------------------------------------------------------------------------- reuse
-
-
-def _read_state(folder: Path) -> dict | None:
-    p = folder / STATE_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (ValueError, OSError):
-        return None
-
-
-def _layer_from_dict(d: Mapping[str, Any]) -> Layer:
-    return Layer(
-        index=int(d["index"]),
-        name=d["name"],
-        module_name=d["module"],
-        type=d["type"],
-        kind=d["kind"],
-        shape=tuple(d["shape"]),
-        params=int(d["params"]),
-        map_size=tuple(d["map_size"]) if d.get("map_size") else None,
-        prefix_tokens=int(d.get("prefix_tokens", 0)),
-        same_as=d.get("same_as"),
-    )
-
-
-def load_staged(
-    folder: str | os.PathLike[str], request: Mapping[str, Any], x: torch.Tensor
-) -> Explanation | None:
-    """The explanation of an interrupted (or finished) animation bundle, when it was made by ``request``.
-
-    Looks in the staging folder ``.NAME.partial`` first, then in ``NAME`` itself.
-
-    Args:
-        folder: the bundle folder given to :meth:`Animation.save`.
-        request: what the new run asks for (model, weights, methods, layers, target, ...).
-        x: the new run's input tensor ``(B, 3, H, W)``; must equal the staged ``input.npy`` exactly.
-
-    Returns:
-        The rebuilt :class:`~camanim.explanation.Explanation`, or None when there is nothing to reuse or it
-        was made differently (the reason is logged).
-    """
-    root = Path(folder).expanduser().absolute()
-    for where in (staging_path(root), root):
-        state = _read_state(where)
-        if state is None or not (where / "maps.npz").is_file() or not (where / "input.npy").is_file():
-            continue
-        if state.get("request") != json.loads(json.dumps(dict(request), default=str)):
-            logger.info("not reusing %s: made with other settings (%s)", where, state.get("request"))
-            return None
-        staged_x = np.load(where / "input.npy", allow_pickle=False)
-        if staged_x.shape != tuple(x.shape) or not np.array_equal(staged_x, x.numpy()):
-            logger.info("not reusing %s: the input image differs", where)
-            return None
-        try:
-            return _rebuild(where, state, staged_x)
-        except (KeyError, ValueError, OSError) as err:
-            logger.warning("not reusing %s: unreadable (%s)", where, err)
-            return None
-    return None
-
-
-def _rebuild(where: Path, state: Mapping[str, Any], x: np.ndarray) -> Explanation:
-    d = state["explanation"]
-    prep = Preprocessing(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in d["model"]["preprocessing"].items()}
-    )
-    with np.load(where / "maps.npz", allow_pickle=False) as z:
-        arrays = {k: torch.from_numpy(z[k]) for k in z.files}
-    methods = tuple(m["name"] for m in d["methods"])
-    layers = tuple(_layer_from_dict(la) for la in d["layers"])
-    by_name = {la.name: la for la in layers}
-    chosen = tuple(by_name[n] for n in d["chosen_layers"])
-    maps = {m: {la.name: arrays[f"{m}/{la.name}"] for la in chosen} for m in methods}
-    flags = {m: {la.name: tuple(d["flags"].get(m, {}).get(la.name, ())) for la in chosen} for m in methods}
-    display = np.stack([np.asarray(Image.open(where / n).convert("RGB")) for n in _input_pngs(x.shape[0])])
-    targets = tuple(int(t["class"]) for t in d["targets"])
-    return Explanation(
-        model_name=d["model"]["name"],
-        weights=d["model"]["weights"],
-        preprocessing=prep,
-        input=torch.from_numpy(x),
-        display=display,
-        probabilities=torch.tensor(state["probabilities"], dtype=torch.float32),
-        targets=targets,
-        target_names=tuple(t["name"] for t in d["targets"]),
-        class_names=tuple(state["class_names"]),
-        layers=layers,
-        chosen=chosen,
-        methods=methods,
-        maps=maps,
-        flags=flags,
-        image_info={**d.get("image", {}), "maps_reused_from": str(where)},
-        timings=dict(d.get("timings", {})),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- animate

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camanim.bundle import Bundle, open_bundle
-from camanim.capture import capture, frozen_eval
+from camanim.capture import capture
 from camanim.errors import TargetError
 from camanim.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.methods import get_method, method_class, parse_methods
@@ -191,14 +191,8 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     return torch.stack(tensors), np.stack(displays), info
 
 
-def _resolve_targets(target: Any, probs: Tensor, class_names: Sequence[str], top_k: int | None) -> list[int]:
+def _resolve_targets(target: Any, probs: Tensor, class_names: Sequence[str]) -> list[int]:
     b = probs.shape[0]
-    if top_k is not None:
-        if b != 1:
-            raise TargetError(f"--top-k explains several classes of one image; got a batch of {b}")
-        if not 1 <= top_k <= probs.shape[1]:
-            raise TargetError(f"top-k must be between 1 and {probs.shape[1]}, got {top_k}")
-        return [int(i) for i in probs[0].topk(top_k).indices]
     if target is None:
         return [int(i) for i in probs.argmax(dim=1)]
     if isinstance(target, (list, tuple)):
@@ -206,7 +200,7 @@ def _resolve_targets(target: Any, probs: Tensor, class_names: Sequence[str], top
             raise TargetError(f"{len(target)} targets given for a batch of {b} images")
         return [resolve_class(t, class_names) for t in target]
     if isinstance(target, str) and "," in target:
-        return _resolve_targets(target.split(","), probs, class_names, None)
+        return _resolve_targets(target.split(","), probs, class_names)
     return [resolve_class(target, class_names)] * b
 
 
@@ -288,14 +282,17 @@ def explain(
 
     passes = 1
     if top_k is not None:
-        # Ranking classes needs the prediction before the capture: one extra no-grad forward of one image.
-        # The capture then shares one forward between the K classes and runs one backward pass per class.
-        classes = _resolve_targets(None, _eval_forward(net, x), lm.class_names, top_k)
-        passes = len(classes)
+        # The K classes share the capture's forward, which also ranks them; one backward pass per class.
+        if x.shape[0] != 1:
+            raise TargetError(f"--top-k explains several classes of one image; got a batch of {x.shape[0]}")
+        if top_k < 1:
+            raise TargetError(f"top-k must be at least 1, got {top_k}")
+        classes = None
+        passes = top_k
         display = np.repeat(display, passes, axis=0)
     elif target is not None:
         dummy = torch.zeros(x.shape[0], max(len(lm.class_names), 1))
-        classes = _resolve_targets(target, dummy, lm.class_names, None)
+        classes = _resolve_targets(target, dummy, lm.class_names)
     else:
         classes = None  # the top-1 class, read from the capture's own forward
     timings["layers"] = time.perf_counter() - t
@@ -331,7 +328,7 @@ def explain(
             per_pass[k] = m.detach()
             flags[n].setdefault(layer.name, ())
 
-    lazy_target = _LazyTarget(classes, score, per_pass=passes > 1)
+    lazy_target = _LazyTarget(classes, score, top_k=top_k)
     t = time.perf_counter()
     result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
@@ -401,29 +398,29 @@ def explain(
     )
 
 
-def _eval_forward(net: nn.Module, x: Tensor) -> Tensor:
-    with frozen_eval(net), torch.no_grad():
-        return net(x).softmax(dim=1)
-
-
 class _LazyTarget:
     """The target class per sample, decided from the capture's own output when not given (top-1).
 
-    With ``per_pass``, every class is scored on every sample: ``(B, K)`` scores, one backward pass each.
+    With ``top_k``, the ``k`` highest-scoring classes of the single sample (by logit, which ranks them
+    as the softmax and the sigmoid do), each scored on it: ``(1, K)`` scores, one backward pass each.
     """
 
-    def __init__(self, classes: list[int] | None, score: str, per_pass: bool = False) -> None:
+    def __init__(self, classes: list[int] | None, score: str, top_k: int | None = None) -> None:
         self.classes = classes
         self.score = score
-        self.per_pass = per_pass
+        self.top_k = top_k
 
     def __call__(self, output: Tensor) -> Tensor:
-        if self.classes is None:
-            self.classes = [int(i) for i in output.detach().argmax(dim=1)]
         kind = TARGET_KINDS[self.score]
-        if self.per_pass:
-            return torch.stack([kind((c,))(output) for c in self.classes], dim=1)
-        return kind(tuple(self.classes))(output)
+        if self.top_k is None:
+            if self.classes is None:
+                self.classes = [int(i) for i in output.detach().argmax(dim=1)]
+            return kind(tuple(self.classes))(output)
+        if self.classes is None:
+            if not self.top_k <= output.shape[1]:
+                raise TargetError(f"top-k must be between 1 and {output.shape[1]}, got {self.top_k}")
+            self.classes = [int(i) for i in output.detach()[0].float().topk(self.top_k).indices]
+        return torch.stack([kind((c,))(output) for c in self.classes], dim=1)
 
 
 def _safe(name: str) -> str:
