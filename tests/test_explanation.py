@@ -126,6 +126,34 @@ def test_flags_flat_zero_and_no_gradient():
     assert not ex.flags["gradcam"]["conv"]
 
 
+class Overflow(nn.Module):
+    """A side branch whose output overflows to inf at one position (no path to the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.blowup = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.blowup.bias[2] = float("inf")
+
+    def forward(self, x):
+        a = self.conv(x)
+        self.blowup(a)
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_nonfinite_maps_are_zeroed_and_flagged():
+    ex = camanim.explain(Overflow().eval(), torch.randn(1, 3, 8, 8), methods="eigencam,randomcam", target=0)
+    # RandomCAM's weighted sum carries the inf into its map: replaced by 0 and flagged.
+    assert "nonfinite" in ex.flags["randomcam"]["blowup"]
+    # The eigen methods treat non-finite values as 0 (as grad-cam means to) before their decomposition.
+    assert "nonfinite" not in ex.flags["eigencam"]["blowup"] and ex.raw("eigencam", "blowup").abs().max() > 0
+    for method in ("eigencam", "randomcam"):
+        assert torch.isfinite(ex.raw(method, "blowup")).all()
+        assert "nonfinite" not in ex.flags[method]["conv"]
+
+
 def test_token_model_maps():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

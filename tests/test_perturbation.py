@@ -200,19 +200,6 @@ def test_scorecam_compile_failure_falls_back_to_eager(tiny, monkeypatch, caplog)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_scorecam_compiles_only_when_worth_it(tiny, monkeypatch):
-    from camanim.methods import perturbation
-
-    made = []
-    monkeypatch.setattr(perturbation, "CompiledForward", lambda net, batch: made.append(batch) or net)
-    model, x = tiny
-    ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7)  # a few ms: not compiled
-    assert made == []
-    monkeypatch.setattr(perturbation, "COMPILE_WORTH_S", 0.0)
-    ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7)
-    assert made == [7]
-
-
 def test_max_channels_scores_only_the_strongest(tiny):
     model, x = tiny
     a, _ = _acts_and_score(model, x, model.features[8], 1)

@@ -128,9 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="scorecam: run its forwards through torch.compile (auto: when estimated to take over a minute)",
+        action="store_true",
+        help="scorecam: run its forwards through torch.compile (pays off only once Inductor's cache is warm)",
     )
     _output(p)
     p.set_defaults(func=cmd_explain)
@@ -367,7 +366,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         keep_nonspatial=getattr(args, "keep_nonspatial", False),
         batch_size=getattr(args, "batch_size", 32),
         max_channels=getattr(args, "max_channels", None),
-        compile={"auto": None, "yes": True, "no": False}[getattr(args, "compile", "auto")],
+        compile=getattr(args, "compile", False),
     )
     out = Path(args.out) if args.out else _default_out(args)
     path = save_explanation(ex, out, force=args.force, overlays=args.overlays, command=" ".join(sys.argv))

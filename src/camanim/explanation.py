@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -123,9 +124,10 @@ class Explanation:
 
 
 def map_flags(m: Tensor) -> list[str]:
-    """Conditions of a raw map ``(B, h, w)`` worth telling a user (see :class:`Explanation`)."""
+    """Conditions of a raw map ``(B, h, w)`` worth telling a user (see :class:`Explanation`); the map must
+    be finite."""
     flags = []
-    lo, hi = float(m.min()), float(m.max())
+    lo, hi = (float(v) for v in torch.aminmax(m))
     scale = max(abs(lo), abs(hi))
     if hi - lo <= FLAT_RTOL * scale or scale == 0:
         flags.append("flat")
@@ -219,7 +221,7 @@ def explain(
     seed: int = 0,
     batch_size: int = 32,
     max_channels: int | None = None,
-    compile: bool | None = None,
+    compile: bool = False,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
 
@@ -234,7 +236,8 @@ def explain(
         methods: names (``"gradcam,hirescam"``), ``"all"`` or a list; see :func:`camanim.list_methods`.
         layers: a selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
         target: the class to explain: an index, a name, or one per sample; default the top-1 class.
-        top_k: explain each of the top ``k`` classes of a single image (the batch axis then holds classes).
+        top_k: explain each of the top ``k`` classes of a single image (the batch axis then holds classes):
+            the classes share the capture's forward, which ranks them, and get one backward pass each.
         score: what is differentiated: ``"logit"`` (default), ``"probability"`` or ``"sigmoid"``.
         keep_nonspatial: include 1x1 layers in an ``"all"`` sweep.
         keep_duplicates: include layers whose output repeats an earlier layer's tensor.
@@ -242,8 +245,7 @@ def explain(
         seed: seed of seeded methods (RandomCAM).
         batch_size: inputs per extra forward of a per-channel method.
         max_channels: per-channel methods score at most this many channels per layer (an approximation).
-        compile: Score-CAM's forwards through ``torch.compile``: True, False, or None to decide by their
-            estimated time (see :mod:`camanim.methods.perturbation`).
+        compile: run Score-CAM's forwards through ``torch.compile`` (see :mod:`camanim.methods.perturbation`).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
@@ -322,10 +324,7 @@ def explain(
                 per_pass[k] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
                 flags[n][layer.name] = ("no_gradient", "flat", "zero")
                 continue
-            if not torch.isfinite(m).all():
-                m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
-                flags[n][layer.name] = ("nonfinite",)
-            per_pass[k] = m.detach()
+            per_pass[k] = m.detach()  # NaN/inf are replaced (and flagged) on the way to the CPU
             flags[n].setdefault(layer.name, ())
 
     lazy_target = _LazyTarget(classes, score, top_k=top_k)
@@ -367,9 +366,15 @@ def explain(
     for n in names:
         for name, m in maps[n].items():
             m = m.float().cpu()
+            if "no_gradient" in flags[n][name]:
+                maps[n][name] = m
+                continue
+            extra = flags[n][name]
+            if not all(math.isfinite(float(v)) for v in torch.aminmax(m)):  # min/max propagate NaN
+                m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+                extra = ("nonfinite",) + extra
             maps[n][name] = m
-            if "no_gradient" not in flags[n][name]:
-                flags[n][name] = tuple(map_flags(m)) + flags[n][name]
+            flags[n][name] = tuple(map_flags(m)) + extra
     # Keep forward order in the dicts (the backward delivered them in reverse).
     order = [layer.name for layer in result.chosen]
     maps = {n: {k: maps[n][k] for k in order} for n in names}

@@ -74,24 +74,29 @@ def first_component_projection(values: Tensor) -> Tensor:
     convention in the module docstring.
     """
     out = _projection(values)
-    if torch.isfinite(out).all():  # checked on the small map: a non-finite input always reaches it
+    if out is not None:
         return out
     return _projection(torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0))
 
 
-def _projection(values: Tensor) -> Tensor:
+def _projection(values: Tensor) -> Tensor | None:
+    """The map, or None when the values are not all finite (checked on the small Gram matrix, which any
+    NaN or infinity reaches)."""
     b, c, h, w = values.shape
     x = values.reshape(b, c, h * w)
     centred = x - x.mean(dim=2, keepdim=True)  # (B, C, hw): each channel centred over positions
     # The top eigenvector of the smaller Gram matrix gives the first singular pair: (hw x C) data needs a
     # C x C or hw x hw eigenproblem, never an SVD of the whole matrix.
+    gram = centred @ centred.transpose(1, 2) if c <= h * w else centred.transpose(1, 2) @ centred
+    if not torch.isfinite(gram).all():
+        return None
     if c <= h * w:
-        _, v = top_eigenpair(centred @ centred.transpose(1, 2))  # of the (B, C, C) Gram
+        _, v = top_eigenpair(gram)  # of the (B, C, C) Gram
         proj = (v[:, None, :] @ centred)[:, 0]  # (B, hw)
         # proj . mean_c(A) = v^T (Xc X^T) 1 / C = lambda_1 sum(v) / C, since Xc 1 = 0: only sum(v)'s sign matters.
         agree = v.sum(dim=1)
     else:
-        lam, u = top_eigenpair(centred.transpose(1, 2) @ centred)  # of the (B, hw, hw) Gram
+        lam, u = top_eigenpair(gram)  # of the (B, hw, hw) Gram
         proj = u * lam[:, None].clamp_min(0).sqrt()
         ref = x.mean(dim=1)
         agree = (proj * (ref - ref.mean(dim=1, keepdim=True))).sum(dim=1)

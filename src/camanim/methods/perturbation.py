@@ -19,17 +19,18 @@ Speed, compared with the ``grad-cam`` package at the same batch size:
 * On the CPU, forwards run on a ``channels_last`` copy of a convolutional model (oneDNN's faster layout);
   the user's model is never modified.
 * Score-CAM scores an all-zero channel (its mask is 0, so the masked input is 0) with one shared forward,
-  and runs on a copy whose batch norms are folded into the convolutions before them. When its forwards
-  are estimated (by timing one) to take more than :data:`COMPILE_WORTH_S`, they run through
-  ``torch.compile`` (Inductor, weights frozen as constants: ~2.8x per forward on ResNet-50 on this CPU,
-  after ~18 s of compilation the first time, less once Inductor's cache holds it); batches are padded to
-  one size so one graph serves them all. Where compiling fails (no C++ compiler, an unsupported model) the
-  forwards run eagerly, with a warning. ``compile=True/False`` forces the choice.
+  and runs on a copy whose batch norms are folded into the convolutions before them. With
+  ``compile=True`` its forwards run through ``torch.compile`` (Inductor, weights frozen as constants;
+  batches padded to one size so one graph serves them all; eager, with a warning, where compiling fails).
+  On this 2-core CPU that made a batch of 32 ResNet-50 forwards ~1.3x faster (0.9 s against 1.2 s) but
+  costs 13-15 s of compilation on a first run (3 s from Inductor's cache), so it is off by default: Score-CAM
+  at ResNet-50's last layer took 72.7 s compiled from a cold cache against 69.5 s eagerly.
 
 Chunking. ``batch_size`` changes nothing in our computation (masks are upsampled plane by plane): the maps
 are bitwise equal for any batch size whenever the model's per-sample outputs do not depend on the batch they
 are computed in. BLAS and oneDNN kernels may break that in the last bits (1.7e-6 on ResNet-18's ``fc``
-between batches of 7 and 64), which then shows in the maps at that relative level.
+between batches of 7 and 64), which then shows in the maps at that relative level. Compiled forwards
+(Score-CAM, above) differ from eager ones at the same level (~1e-5 relative on ResNet-50's logits).
 
 Example:
     >>> import torch, torchvision
@@ -63,8 +64,6 @@ from camanim.targets import TARGET_KINDS, ClassLogit, Target
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-COMPILE_WORTH_S = 60.0
-"""Estimated eager time of a per-channel run above which its forwards are compiled (``compile=None``)."""
 SCORECAM_EPS = 1e-8  # grad-cam's epsilon in the mask's min-max normalisation
 _CHANNEL_AXIS = {"spatial": 1, "channels_last": 3, "token": 2}  # in the layer's own output layout
 
@@ -180,19 +179,6 @@ class CompiledForward:
         return out[:n]
 
 
-def maybe_compiled(
-    net: nn.Module, per_call_s: float, calls: int, batch: int, compile: bool | None
-) -> nn.Module | CompiledForward:
-    """``net``, or a :class:`CompiledForward` of it when ``compile`` is True, or when it is None and
-    ``calls`` forwards of ``per_call_s`` seconds each would take more than :data:`COMPILE_WORTH_S`."""
-    if compile is False or (compile is None and per_call_s * calls <= COMPILE_WORTH_S):
-        return net
-    logger.info(
-        "compiling the model for %d batched forwards (estimated %.0f s eagerly)", calls, per_call_s * calls
-    )
-    return CompiledForward(net, batch)
-
-
 def _time_one_call(net: nn.Module, x: Tensor, n: int) -> float:
     """Seconds of one forward of ``n`` copies of ``x[:1]``."""
     t0 = time.perf_counter()
@@ -297,7 +283,7 @@ class PerturbationCAM(CAMMethod):
         max_channels: int | None = None,
         score: str = "logit",
         channels_last: bool | None = None,
-        compile: bool | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """The raw map ``(B, h, w)`` of ``layer`` (before ReLU and upsampling, as every method's raw map).
 
@@ -313,8 +299,8 @@ class PerturbationCAM(CAMMethod):
             score: what a plain class index scores: ``"logit"`` (grad-cam's default), ``"probability"``
                 or ``"sigmoid"``.
             channels_last: run on a ``channels_last`` copy (default: on the CPU for conv models).
-            compile: run the forwards through ``torch.compile`` (methods with ``compilable`` only); None
-                decides by the estimated time (see the module docstring).
+            compile: run the forwards through ``torch.compile`` (methods with ``compilable`` only; see
+                the module docstring).
 
         Returns:
             ``(B, h, w)`` float32 on ``x``'s device.
@@ -331,11 +317,8 @@ class PerturbationCAM(CAMMethod):
             output = rec.output
         targets = per_sample_targets(target, output, x.shape[0], score)
         with working_model(model, x, channels_last, fold_batchnorm=self.fold_batchnorm) as (net, xw):
-            if self.compilable and compile is not False:
-                n = min(batch_size, acts.shape[1])
-                _, calls = forward_plan([acts.shape[1]], batch_size, max_channels, x.shape[0])
-                per_call = _time_one_call(net, xw, n) if compile is None else 0.0
-                net = maybe_compiled(net, per_call, calls, n, compile)
+            if self.compilable and compile:
+                net = CompiledForward(net, min(batch_size, acts.shape[1]))
             return self.compute_on(
                 net, xw, layer, targets, acts, batch_size=batch_size, max_channels=max_channels
             )
@@ -571,7 +554,7 @@ def run_per_channel(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_channels: int | None = None,
     channels_last: bool | None = None,
-    compile: bool | None = None,
+    compile: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """Every per-channel method at every layer, from the activations a capture recorded.
 
@@ -598,7 +581,6 @@ def run_per_channel(
     forwards, calls = forward_plan(channels, batch_size, max_channels, x.shape[0])
     logged = False
     n = min(batch_size, max(channels))
-    per_call = 0.0
     for name, method in methods.items():
         with working_model(model, x, channels_last, fold_batchnorm=method.fold_batchnorm) as (net, xw):
             if not logged:  # the plan of every method, before any runs
@@ -619,8 +601,8 @@ def run_per_channel(
                         calls * per_call,
                     )
                 logged = True
-            if method.compilable:
-                net = maybe_compiled(net, per_call, calls, n, compile)
+            if method.compilable and compile:
+                net = CompiledForward(net, n)
             for layer in layers:
                 out[name][layer.name] = method.compute_on(
                     net,
