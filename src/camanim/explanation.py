@@ -63,6 +63,7 @@ class Explanation:
             ``"nonfinite"`` (NaN/inf replaced by 0).
         image_info: where the image came from (source, original size and mode, conversions).
         timings: seconds per stage.
+        logits: the raw model output ``(B, K)`` on the CPU (None for an explanation read back from a bundle).
     """
 
     model_name: str
@@ -81,6 +82,7 @@ class Explanation:
     flags: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict, repr=False)
     image_info: dict = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    logits: Tensor | None = field(default=None, repr=False)
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -123,11 +125,12 @@ class Explanation:
         return explanation_html(self)
 
 
-def map_flags(m: Tensor) -> list[str]:
+def map_flags(m: Tensor, lo: float | None = None, hi: float | None = None) -> list[str]:
     """Conditions of a raw map ``(B, h, w)`` worth telling a user (see :class:`Explanation`); the map must
-    be finite."""
+    be finite. ``lo`` and ``hi``, its minimum and maximum, are computed when not given."""
     flags = []
-    lo, hi = (float(v) for v in torch.aminmax(m))
+    if lo is None or hi is None:
+        lo, hi = (float(v) for v in torch.aminmax(m))
     scale = max(abs(lo), abs(hi))
     if hi - lo <= FLAT_RTOL * scale or scale == 0:
         flags.append("flat")
@@ -370,11 +373,13 @@ def explain(
                 maps[n][name] = m
                 continue
             extra = flags[n][name]
-            if not all(math.isfinite(float(v)) for v in torch.aminmax(m)):  # min/max propagate NaN
+            lo, hi = (float(v) for v in torch.aminmax(m))
+            if not (math.isfinite(lo) and math.isfinite(hi)):  # min/max propagate NaN
                 m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
                 extra = ("nonfinite",) + extra
+                lo, hi = (float(v) for v in torch.aminmax(m))
             maps[n][name] = m
-            flags[n][name] = tuple(map_flags(m)) + extra
+            flags[n][name] = tuple(map_flags(m, lo, hi)) + extra
     # Keep forward order in the dicts (the backward delivered them in reverse).
     order = [layer.name for layer in result.chosen]
     maps = {n: {k: maps[n][k] for k in order} for n in names}
@@ -400,6 +405,7 @@ def explain(
         flags=flags,
         image_info=image_info,
         timings=timings,
+        logits=output.detach().float().cpu(),
     )
 
 

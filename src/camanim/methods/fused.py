@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camanim.capture import frozen_eval
 from camanim.errors import CamanimError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -326,7 +325,8 @@ class FMGCAMResult:
             base: a class-discriminative one-pass method among the explanation's methods.
             activation, norm: see :func:`fuse`.
             multilabel: whether ``scores`` are sigmoid scores (the legend then says so).
-            scores: ``(num_classes,)`` score of every class; default the explanation's softmax.
+            scores: ``(num_classes,)`` score of every class; default the explanation's softmax, or with
+                ``multilabel`` the sigmoid of its logits.
 
         Raises:
             FusionError: ``base`` is not class-discriminative, or the explanation is not a top-K capture.
@@ -335,7 +335,9 @@ class FMGCAMResult:
         base = check_base(base)
         fused = fmgcam_sweep(ex, base, activation, norm=norm)
         classes = tuple(int(c) for c in ex.targets)
-        scores = ex.probabilities[0] if scores is None else scores
+        if scores is None:
+            sigmoid = multilabel and ex.logits is not None
+            scores = ex.logits[0].sigmoid() if sigmoid else ex.probabilities[0]
         return cls(
             classes=classes,
             names=tuple(ex.target_names),
@@ -499,10 +501,4 @@ def fmgcam(
         raise UnknownNameError("activation", activation, ACTIVATIONS)
     lm = _as_loaded(model, device)
     ex = explain(lm, image, methods=base, layers=layers, top_k=k, score="sigmoid" if multilabel else "logit")
-    scores = None
-    if multilabel:  # explain ranked by softmax, which orders classes as the sigmoid does; the values differ
-        with frozen_eval(lm.model), torch.no_grad():
-            scores = lm.model(ex.input[:1].to(lm.device)).float().sigmoid()[0].cpu()
-    return FMGCAMResult.from_explanation(
-        ex, base, activation, norm=norm, multilabel=multilabel, scores=scores
-    )
+    return FMGCAMResult.from_explanation(ex, base, activation, norm=norm, multilabel=multilabel)
