@@ -281,3 +281,17 @@ def test_cli_invalid_combination_exits_2(tmp_path: Path, loads, capsys, extra, m
     err = capsys.readouterr().err
     assert err.startswith("camanim: error:") and message in err and "Traceback" not in err
     assert loads == [] and not out.exists()  # refused before the model loads
+
+
+def test_multilabel_legend_shows_sigmoid_scores(tiny_model: nn.Module, x: torch.Tensor) -> None:
+    anim = animate(tiny_model, x, methods="fmgcam", top_k=2, score="sigmoid")
+    logits = tiny_model(x)[0].detach()
+    assert anim.fusion.multilabel
+    assert list(anim.fusion.classes) == logits.argsort(descending=True)[:2].tolist()
+    np.testing.assert_allclose(
+        anim.fusion.probabilities, logits.sigmoid()[list(anim.fusion.classes)].numpy(), rtol=1e-5
+    )
+    plain = animate(tiny_model, x, methods="fmgcam", top_k=2)
+    np.testing.assert_allclose(
+        plain.fusion.probabilities, logits.softmax(0)[list(plain.fusion.classes)].numpy(), rtol=1e-5
+    )

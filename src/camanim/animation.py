@@ -211,6 +211,7 @@ class Animation:
         request: Mapping[str, Any] | None = None,
         base: str | None = None,
         activation: str | None = None,
+        multilabel: bool = False,
     ) -> Animation:
         """Compute the normalisation ranges of an explanation's maps; frames render later, on demand.
 
@@ -231,6 +232,7 @@ class Animation:
             request: description of what produced ``ex`` (recorded, and compared by ``reuse``).
             base, activation: FM-G-CAM's base method (default ``"gradcam"``) and activation (default
                 ``"relu"``); only with ``methods="fmgcam"``.
+            multilabel: FM-G-CAM's legend shows sigmoid scores (a multi-label head) instead of softmax.
 
         Raises:
             UnknownNameError: an unknown method, normalisation, layout or colour map.
@@ -242,7 +244,11 @@ class Animation:
             tuple(ex.methods) if methods is None else _parse_choice(methods, (*ex.methods, FMGCAM), "method")
         )
         fused = fused_options(names, base=base, activation=activation)
-        fusion = None if fused is None else FMGCAMResult.from_explanation(ex, fused.base, fused.activation)
+        fusion = (
+            None
+            if fused is None
+            else FMGCAMResult.from_explanation(ex, fused.base, fused.activation, multilabel=multilabel)
+        )
         norms = _parse_choice(norm, NORMS, "normalisation")
         layouts = _parse_choice(layout, LAYOUTS, "layout")
         colormap_lut(cmap)  # fail early on an unknown colour map
@@ -764,6 +770,7 @@ def animate(
         methods=None if fused is None else FMGCAM,
         base=None if fused is None else fused.base,
         activation=None if fused is None else fused.activation,
+        multilabel=score == "sigmoid",
         norm=norm,
         layout=layout,
         cmap=cmap,

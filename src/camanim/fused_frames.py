@@ -182,13 +182,7 @@ class LegendComposer(FrameComposer):
 def describe_fusion(result: FMGCAMResult) -> dict[str, Any]:
     """The ``fmgcam`` entry of an animation's manifest section."""
     return {
-        "paper": "Rammuni Silva and Bird, FM-G-CAM, 2024 (Eqs 1-6)",
-        "k": len(result.classes),
-        "classes": result.class_table(),
-        "probability": "sigmoid" if result.multilabel else "softmax",
-        "base": result.base,
-        "activation": result.activation,
-        "norm": result.norm,
+        **result.describe(),
         "maps": f"maps.npz holds the raw {result.base} map of each class, (K, h, w) per layer; the fused maps "
         "are camanim.methods.fused.fmgcam_sweep of them",
         "normalisation": NORMALISATION,

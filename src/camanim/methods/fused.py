@@ -336,8 +336,9 @@ class FMGCAMResult:
         fused = fmgcam_sweep(ex, base, activation, norm=norm)
         classes = tuple(int(c) for c in ex.targets)
         if scores is None:
-            sigmoid = multilabel and ex.logits is not None
-            scores = ex.logits[0].sigmoid() if sigmoid else ex.probabilities[0]
+            # An explanation read back from a bundle has no logits: its softmax is all there is.
+            multilabel = multilabel and ex.logits is not None
+            scores = ex.logits[0].sigmoid() if multilabel else ex.probabilities[0]
         return cls(
             classes=classes,
             names=tuple(ex.target_names),
@@ -365,6 +366,18 @@ class FMGCAMResult:
                 zip(self.classes, self.names, self.probabilities, self.colors, strict=True)
             )
         ]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest entries every FM-G-CAM output shares: paper, classes and settings."""
+        return {
+            "paper": "Rammuni Silva and Bird, FM-G-CAM, 2024 (Eqs 1-6)",
+            "k": len(self.classes),
+            "classes": self.class_table(),
+            "probability": "sigmoid" if self.multilabel else "softmax",
+            "base": self.base,
+            "activation": self.activation,
+            "norm": self.norm,
+        }
 
     def legend_strip(self, width: int, *, font_size: int = 12) -> np.ndarray:
         """The legend (swatch, name, probability per class) ``(h, width, 3)`` uint8, ``h`` even."""
@@ -443,13 +456,7 @@ def write_fmgcam(result: FMGCAMResult, bundle: Any, *, panels: bool = True) -> N
             )
             pngs[name] = rel
     bundle.manifest["fmgcam"] = {
-        "paper": "Rammuni Silva and Bird, FM-G-CAM, 2024 (Eqs 1-6)",
-        "k": len(result.classes),
-        "classes": result.class_table(),
-        "probability": "sigmoid" if result.multilabel else "softmax",
-        "base": result.base,
-        "activation": result.activation,
-        "norm": result.norm,
+        **result.describe(),
         "layers": list(result.layers),
         "figure": "fmgcam.png",
         "figures": pngs,
