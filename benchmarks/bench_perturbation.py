@@ -258,8 +258,9 @@ def render(rows: list[dict], fm: list[dict], args: argparse.Namespace, env: dict
         "(oneDNN's faster layout) with its batch norms folded into the convolutions (~1.2 s per batch of 32 "
         "against ~1.9 s for grad-cam's forwards), and one shared forward for all-zero channels. Compiling the "
         "forwards (`compile=True`: Inductor, frozen weights) brings a batch to ~0.9 s but costs 13-15 s of "
-        "compilation from a cold cache: measured once each, 72.7 s compiled against 69.5 s eager for this "
-        "layer, so it stays off by default. "
+        "compilation from a cold cache: measured separately for this layer, 69.5 s eager, 70.7-72.7 s "
+        "compiled from a cold Inductor cache and 59.2 s from a warm one (about 2.0x grad-cam's ~120 s), so "
+        "it stays off by default. "
         "Ablation-CAM computes the network before the layer once per batch at batch size 1 and widens the "
         "layer's output to the batch (grad-cam recomputes everything before `layer4[-1]` for every ablated "
         "copy).",

@@ -24,7 +24,8 @@ Speed, compared with the ``grad-cam`` package at the same batch size:
   batches padded to one size so one graph serves them all; eager, with a warning, where compiling fails).
   On this 2-core CPU that made a batch of 32 ResNet-50 forwards ~1.3x faster (0.9 s against 1.2 s) but
   costs 13-15 s of compilation on a first run (3 s from Inductor's cache), so it is off by default: Score-CAM
-  at ResNet-50's last layer took 72.7 s compiled from a cold cache against 69.5 s eagerly.
+  at ResNet-50's last layer took 69.5 s eagerly, 70.7-72.7 s compiled from a cold cache and 59.2 s compiled
+  with a warm one (grad-cam: ~120 s).
 
 Chunking. ``batch_size`` changes nothing in our computation (masks are upsampled plane by plane): the maps
 are bitwise equal for any batch size whenever the model's per-sample outputs do not depend on the batch they
