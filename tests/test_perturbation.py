@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -180,7 +182,9 @@ def test_scorecam_compiled_equals_brute_force(tiny, monkeypatch):
     model, x = tiny
     ref = _brute_scorecam(model, x, model.features[8], 2)
     ours = ScoreCAM().compute(model, x, "features.8", target=2, batch_size=7, compile=True)
-    assert len(made) == 1 and not made[0].failed  # compiled, and 32 channels = 4 full batches + 1 padded
+    assert len(made) == 1
+    # Compiled (32 channels = 4 full batches + 1 padded) wherever Inductor has a C++ compiler to call.
+    assert made[0].failed == (shutil.which(os.environ.get("CXX", "g++")) is None)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
