@@ -173,10 +173,20 @@ def colour(
 ) -> np.ndarray:
     """Tiles of a raw ``stack`` already at ``size``: each map scaled by its range under ``norm``, coloured and
     blended over the picture (FM-G-CAM: each class in its hue). Returns ``(n, H, W, 3)`` uint8."""
-    norm_maps = normalize_stack(stack, [anim.range_for(method, norm, p) for p in positions], nan_safe=False)
-    if anim.fusion is not None:  # fused_overlay's blend: each class in its hue
-        return blend_classes(norm_maps, display(anim, size), anim.fusion.colors, anim.alpha)
+    ranges = [anim.range_for(method, norm, p) for p in positions]
+    if anim.fusion is not None:
+        return fused_tiles(stack, ranges, display(anim, size), anim.fusion.colors, anim.alpha)
+    norm_maps = normalize_stack(stack, ranges, nan_safe=False)
     return overlay_batch(display(anim, size), norm_maps, colormap_lut(anim.cmap), anim.alpha)
+
+
+def fused_tiles(
+    stack: np.ndarray, ranges: Sequence[Range], image: np.ndarray, colors: np.ndarray, alpha: float
+) -> np.ndarray:
+    """FM-G-CAM tiles: each fused ``(K, H, W)`` of ``stack`` ``(n, K, H, W)`` scaled by its range, each class
+    blended in its hue over ``image`` ``(H, W, 3)`` uint8 (the blend of
+    :func:`~camanim.methods.fused.fused_overlay`). Returns ``(n, H, W, 3)`` uint8."""
+    return blend_classes(normalize_stack(stack, ranges, nan_safe=False), image, colors, alpha)
 
 
 def overlays(

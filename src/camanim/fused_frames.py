@@ -39,12 +39,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from camanim.errors import UnknownNameError
 from camanim.methods.fused import ACTIVATIONS, FMGCAMResult, FusionError, check_base
 from camanim.render import FrameComposer, FrameStyle, upsample_by_size
 
-__all__ = ["DEFAULT_K", "FMGCAM", "NORMALISATION", "FusedOptions", "LegendComposer", "fused_options"]
+__all__ = [
+    "DEFAULT_K",
+    "FMGCAM",
+    "NORMALISATION",
+    "FusedOptions",
+    "LegendComposer",
+    "fused_options",
+    "upsample_fused",
+]
 
 #: The method name that asks an animation for FM-G-CAM frames.
 FMGCAM = "fmgcam"
@@ -135,20 +144,25 @@ def fused_options(
     return FusedOptions(DEFAULT_K if top_k is None else int(top_k), check_base(base or "gradcam"), activation)
 
 
-def fused_stack(result: FMGCAMResult, layers: Sequence[str], size: tuple[int, int]) -> np.ndarray:
-    """The fused maps of ``layers`` as the frames scale and draw them.
+def upsample_fused(fused: Sequence[Tensor], size: tuple[int, int]) -> np.ndarray:
+    """Fused maps as the frames scale and draw them (the report's viewer draws its tiles from this too).
 
     Args:
-        result: FM-G-CAM of the animated explanation (its ``fused[layer]`` is ``(K, h, w)``).
-        layers: layer names.
+        fused: ``n`` fused maps ``(K, h, w)`` (:func:`~camanim.methods.fused.fuse`), native sizes may differ.
         size: ``(H, W)``, the input size.
 
     Returns:
         ``(n, K, H, W)`` float32: each map upsampled bilinearly, then clamped at 0 (see the module docstring).
     """
-    out = upsample_by_size([result.fused[name] for name in layers], size)
+    out = upsample_by_size(list(fused), size)
     np.maximum(out, 0.0, out=out)
     return out
+
+
+def fused_stack(result: FMGCAMResult, layers: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """:func:`upsample_fused` of the fused maps of ``layers`` (``result.fused[layer]`` is ``(K, h, w)``):
+    ``(n, K, H, W)`` float32."""
+    return upsample_fused([result.fused[name] for name in layers], size)
 
 
 class LegendComposer(FrameComposer):

@@ -3,7 +3,9 @@
 The page shows the input and top-5 predictions; a layer-by-layer viewer (slider, play/pause, arrow keys,
 method selector, local/global toggle) with the current layer's name, type, native map size, parameters,
 raw range and ROAD; the ybROAD curve (click a point to jump to its layer, the best layer highlighted); the
-strip figure, FM-G-CAM panel and method comparison when the bundle has them; and the provenance.
+strip figure, FM-G-CAM panel and method comparison when the bundle has them; and the provenance. An
+FM-G-CAM animation's viewer shows the top-K classes fused, each in its colour, with the class legend
+(:mod:`camanim.report.fused`).
 
 It is rendered from the bundle's manifest and the files it names (raw maps, input), never by running a
 model: frames are re-rendered from ``maps.npz`` exactly as the animation draws its tiles and embedded as
@@ -116,8 +118,17 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
         f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
         "base-uri 'none'; form-action 'none'"
     )
+    fusion = data.get("fusion") if data else None
     caption = ""
-    if data:
+    if fusion:
+        k = len(fusion["classes"])
+        caption = (
+            f"{len(data['frames'])} layers in forward order; each frame is FM-G-CAM of the top {k} classes "
+            f"({fusion['base']} maps fused, {fusion['activation']}), upsampled to the input, each class drawn "
+            "in its colour over it."
+        )
+        target = None  # the K classes are the legend's
+    elif data:
         caption = (
             f"{len(data['frames'])} layers in forward order, {len(data['methods'])} method"
             f"{'s' if len(data['methods']) > 1 else ''}; each frame is the layer's map after ReLU, upsampled to "
@@ -132,6 +143,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
             for s in (
                 f"weights: {dig(m, 'model', 'weights', default='?')}",
                 f"target: {target['name']}" if target else "",
+                f"targets: top {len(fusion['classes'])} classes fused" if fusion else "",
                 str(m.get("created") or ""),
             )
             if s
@@ -155,6 +167,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
         viewer=data is not None,
         viewer_caption=caption,
         no_viewer_reason=why,
+        fusion=fusion,
         data_json=_markup(_script_json(data)) if data else "",
         frames_json=_markup(_script_json(sheets)) if sheets else "",
         figures=figures(src),

@@ -75,6 +75,11 @@ def provenance(src: Source, stats: Mapping[str, Any]) -> list[tuple[str, str]]:
     anim = m.get("animation") or {}
     if anim:
         add("normalisation", anim.get("normalisation"))
+        fm = anim.get("fmgcam")
+        if isinstance(fm, Mapping):
+            settings = ("k", "base", "activation", "norm", "probability")
+            add("FM-G-CAM", ", ".join(f"{k} {fm[k]}" for k in settings if k in fm))
+            add("FM-G-CAM normalisation", fm.get("normalisation"))
         skipped = anim.get("skipped") or []
         add(
             "layers left out",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from camanim.normalize import Range
+from camanim.report import fused as F
 from camanim.report import tiles as T
 from camanim.report.source import Source, dig, sample_of
 
@@ -102,12 +103,15 @@ def _ranges(
     norms: Sequence[str],
     raw: Mapping[str, list[np.ndarray]],
     in_hw: tuple[int, int],
+    measure: Callable[[str], list[Range]] | None = None,
 ) -> dict[str, dict[str, list[Range]]]:
-    """Per method and normalisation, the range of every frame: the manifest's, else computed from the maps."""
+    """Per method and normalisation, the range of every frame: the manifest's, else computed from the maps
+    (``measure(method)``: the local ranges; default each map's after the method's ReLU and upsampling)."""
     n = len(next(iter(raw.values())))
+    measure = measure or (lambda m: T.map_ranges(raw[m], in_hw, relu(m)))
     local = {}
     for m in methods:
-        local[m] = _manifest_ranges(manifest, m, "local", n) or T.map_ranges(raw[m], in_hw, relu(m))
+        local[m] = _manifest_ranges(manifest, m, "local", n) or measure(m)
 
     def union(rs: Sequence[Range]) -> Range:
         return Range(min(r.low for r in rs), max(r.high for r in rs))
@@ -218,8 +222,12 @@ def viewer(
 
     Returns:
         ``(data, sheets, why, stats)``: the JSON read by ``report.js`` (frames, methods, norms, ranges, raw
-        ranges, flags, ROAD...), the sprite sheets' data URIs per method and normalisation, why there is no
-        viewer (``data`` is then None), and figures for the provenance (tile count, bytes, seconds).
+        ranges, flags, ROAD...; for an FM-G-CAM animation also ``fusion``: base, activation, norm and the
+        class legend), the sprite sheets' data URIs per method and normalisation, why there is no viewer
+        (``data`` is then None), and figures for the provenance (tile count, bytes, seconds).
+
+    An FM-G-CAM animation bundle (:mod:`camanim.report.fused`) gets one tile per kept layer and
+    normalisation, its classes fused from the stored base maps and drawn each in its hue.
     """
     manifest = src.manifest
     anim = manifest.get("animation") if isinstance(manifest.get("animation"), Mapping) else {}
@@ -227,8 +235,13 @@ def viewer(
     if not frames:
         return None, None, "This bundle has no layer maps to show.", {}
     sample = sample_of(manifest)
-    raw: dict[str, list[np.ndarray]] = {}
-    for m in _methods(manifest):
+    fusion = F.fusion_of(manifest)
+    raw: dict[str, list[Any]] = {}  # per method, a map per frame: (h, w) arrays, FM-G-CAM (K, h, w) tensors
+    if fusion is not None:
+        fused = F.fused_maps(src, fusion, frames)
+        if fused is not None:
+            raw[F.FMGCAM] = fused
+    for m in [] if fusion is not None else _methods(manifest):
         arrays = [src.maps(f"{m}/{name}") for name in frames]
         if any(a is None for a in arrays):
             logger.info("no maps of %s for every frame in the bundle: not in the viewer", m)
@@ -247,14 +260,21 @@ def viewer(
     alpha = 0.5 if alpha is None or not 0 <= alpha <= 1 else alpha
 
     t = time.perf_counter()
-    ranges = _ranges(manifest, methods, norms, raw, in_hw)
+    measure = None if fusion is None else (lambda m: F.local_ranges(raw[m], in_hw, T.PER_SHEET))
+    ranges = _ranges(manifest, methods, norms, raw, in_hw, measure)
     display = resize_display(src.display, tile)
     sheets: dict[str, dict[str, list[str]]] = {m: {nm: [] for nm in norms} for m in methods}
     size = 0
     for m in methods:
-        chunks = T.overlay_tiles(
-            raw[m], ranges[m], in_hw=in_hw, tile=tile, display=display, lut=lut, alpha=alpha, relu=relu(m)
-        )
+        if fusion is not None:
+            chunks = F.fmgcam_tiles(
+                raw[m], ranges[m], in_hw=in_hw, tile=tile, display=display, colors=fusion.colors,
+                alpha=alpha, per_sheet=T.PER_SHEET,
+            )  # fmt: skip
+        else:
+            chunks = T.overlay_tiles(
+                raw[m], ranges[m], in_hw=in_hw, tile=tile, display=display, lut=lut, alpha=alpha, relu=relu(m)
+            )
         for chunk in chunks:
             for nm, tiles in chunk.items():
                 data = T.encode(T.pack(tiles), fmt, quality)
@@ -263,8 +283,9 @@ def viewer(
     elapsed = time.perf_counter() - t
 
     fps = anim.get("fps") if isinstance(anim.get("fps"), int) and anim.get("fps") > 0 else 10
+    first = raw[methods[0]] if fusion is None else [a[0] for a in raw[methods[0]]]
     data = {
-        "frames": _frame_rows(manifest, frames, raw[methods[0]]),
+        "frames": _frame_rows(manifest, frames, first),
         "methods": methods,
         "norms": norms,
         "normTitles": {nm: NORM_TITLES[nm] for nm in norms},
@@ -281,6 +302,16 @@ def viewer(
         "lut": ["#{:02x}{:02x}{:02x}".format(*lut[i]) for i in np.linspace(0, len(lut) - 1, 64).astype(int)],
         **_road(src, methods, frames),
     }
+    if fusion is not None:
+        cmap = "one hue per class (FM-G-CAM)"
+        data["fusion"] = {
+            "base": fusion.base,
+            "activation": fusion.activation,
+            "norm": fusion.norm,
+            "score": fusion.score,
+            "normalisation": fusion.normalisation,
+            "classes": F.legend(fusion),
+        }
     stats = {
         "frames": len(frames),
         "tiles": len(frames) * len(methods) * len(norms),
