@@ -1,5 +1,6 @@
-"""report.html of an FM-G-CAM animation bundle: the viewer fuses the stored base maps again and draws every
-kept layer as the animation does, each class in its hue, with the class legend from the manifest."""
+"""report.html of an FM-G-CAM bundle: the viewer fuses the stored base maps again and draws every kept layer
+as the animation does, each class in its hue, with the class legend from the manifest. Animation bundles
+(``camanim animate --method fmgcam``) first, then result bundles (``camanim fmgcam``, ``FMGCAMResult.save``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from camanim.animation import Animation, animate
-from camanim.methods.fused import fmgcam_sweep, fused_overlay
+from camanim.methods.fused import FMGCAMResult, fmgcam, fmgcam_sweep, fused_overlay
 from camanim.report import render_report, write_report
 from tests.conftest import TinyCNN, synthetic_batch
 from tests.test_report import _artifacts, _json_block, browser  # noqa: F401 (browser: a fixture)
@@ -170,14 +171,18 @@ def test_legend_lists_the_classes(fm_bundle) -> None:
     assert 'class="cbar" hidden' in page  # the hue is the class: no colour bar
 
 
-def test_report_is_self_contained(fm_bundle) -> None:
-    out, _ = fm_bundle
-    page = (out / "report.html").read_text()
+def _assert_self_contained(page: str) -> None:
+    """No external resource; the CSP allows only inline, hashed assets and ``data:`` images."""
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
     assert not re.search(r"url\(", page)
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)
     assert csp and html.unescape(csp.group(1)).startswith("default-src 'none'; img-src data:;")
     assert ' style="' not in page  # the CSP allows no inline style attribute: swatches are SVG fills
+
+
+def test_report_is_self_contained(fm_bundle) -> None:
+    out, _ = fm_bundle
+    _assert_self_contained((out / "report.html").read_text())
 
 
 def test_ordinary_report_has_no_legend(tiny, tmp_path) -> None:
@@ -231,3 +236,149 @@ def test_fmgcam_report_in_browser(browser, fm_bundle, tmp_path) -> None:  # noqa
     assert not errors, errors
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
     page.close()
+
+
+# ------------------------------------------------- result bundles: camanim fmgcam, FMGCAMResult.save
+
+
+@pytest.fixture(scope="module")
+def result_bundle(tiny, tmp_path_factory) -> tuple[Path, FMGCAMResult, Animation]:
+    """An FM-G-CAM result bundle (top 3 classes, every layer) of a tiny CNN with its report, and the
+    FM-G-CAM animation of the same model, image and K (default options: opacity 0.5, input-size tiles)."""
+    model, x = tiny
+    res = fmgcam(model, x, k=K, layers="all")
+    out = res.save(tmp_path_factory.mktemp("fmgcam-result") / "bundle")
+    write_report(out)
+    return out, res, animate(model, x, methods="fmgcam", top_k=K)
+
+
+def test_result_bundle_one_tile_per_layer_and_normalisation(result_bundle) -> None:
+    out, res, anim = result_bundle
+    page = (out / "report.html").read_text()
+    data = _json_block(page, "report-data")
+    sheets = _json_block(page, "report-frames")
+    n = len(res.layers)
+    assert n > 1 and [la.name for la in anim.layers] == list(res.layers)
+    assert [f["name"] for f in data["frames"]] == list(res.layers)
+    assert data["methods"] == ["fmgcam"] and data["norms"] == ["local", "global"]
+    assert list(sheets) == ["fmgcam"] and list(sheets["fmgcam"]) == ["local", "global"]
+    h, w = data["tile"]
+    cols = data["columns"]
+    for norm in ("local", "global"):
+        assert len(sheets["fmgcam"][norm]) == -(-n // data["perSheet"])
+        sheet = _sheet(sheets["fmgcam"][norm][0])
+        assert sheet.shape == (-(-n // cols) * h, min(n, cols) * w, 3)
+    # No ranges in the manifest: measured as the animation measures them.
+    np.testing.assert_allclose(
+        data["ranges"]["fmgcam"]["local"], [[r.low, r.high] for r in anim.local_ranges("fmgcam")], rtol=1e-6
+    )
+    g = anim.global_ranges["fmgcam"]
+    np.testing.assert_allclose(data["ranges"]["fmgcam"]["global"], [[g.low, g.high]] * n, rtol=1e-6)
+    raw = [[float(res.fused[name].min()), float(res.fused[name].max())] for name in res.layers]
+    np.testing.assert_allclose(data["raw"]["fmgcam"], raw, rtol=1e-6)  # fused maps, not the base method's
+
+
+@pytest.mark.parametrize("norm", ["local", "global"])
+def test_result_tiles_equal_the_animation_tiles(result_bundle, norm) -> None:
+    """Lossless frames equal the FM-G-CAM animation's tiles; the default WebP ones are close to them."""
+    out, _, anim = result_bundle
+    page = render_report(out, fmt="png")
+    data = _json_block(page, "report-data")
+    want = anim.overlays("fmgcam", norm, size=tuple(data["tile"]))
+    np.testing.assert_array_equal(_tiles(_json_block(page, "report-frames"), data, norm), want)
+
+    page = (out / "report.html").read_text()
+    lossy = _tiles(_json_block(page, "report-frames"), _json_block(page, "report-data"), norm).astype(int)
+    diff = np.abs(lossy - want.astype(int))
+    assert diff.mean() < 8 and np.percentile(diff, 99) < 40, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_result_tiles_are_fused_overlays_of_an_independent_sweep(result_bundle, tiny) -> None:
+    """At the input size, local tiles are fused_overlay of an FM-G-CAM sweep computed without the bundle,
+    global tiles the same with one scale for every layer (the largest upsampled value of the sweep)."""
+    from camanim.explanation import explain
+    from camanim.render import resize_maps
+
+    out, res, _ = result_bundle
+    model, x = tiny
+    page = render_report(out, fmt="png", tile=48)
+    data = _json_block(page, "report-data")
+    assert data["tile"] == [48, 48]
+    sheets = _json_block(page, "report-frames")
+    ex = explain(model, x, methods="gradcam", layers="all", top_k=K)
+    sweep = fmgcam_sweep(ex, "gradcam")
+    scale = max(float(resize_maps(sweep[name], (48, 48)).max()) for name in res.layers)
+    for norm, kwargs in (("local", {}), ("global", {"scale": scale})):
+        tiles = _tiles(sheets, data, norm)
+        for p, name in enumerate(res.layers):
+            ref = fused_overlay(sweep[name], ex.display[0], alpha=0.5, **kwargs)
+            assert np.abs(tiles[p].astype(int) - ref.astype(int)).max() <= 1, (norm, name)
+
+
+def test_result_legend_lists_the_classes(result_bundle) -> None:
+    out, res, _ = result_bundle
+    page = (out / "report.html").read_text()
+    legend = re.search(r'<ul id="legend"[^>]*>(.*?)</ul>', page, re.S)
+    assert legend is not None
+    items = re.findall(r"<li>(.*?)</li>", legend.group(1), re.S)
+    assert len(items) == K == len(res.classes)
+    for item, c, name, p, color in zip(
+        items, res.classes, res.names, res.probabilities, res.colors, strict=True
+    ):
+        assert html.unescape(re.search(r'<span class="name">(.*?)</span>', item).group(1)) == name
+        assert f"(class {c})" in item and f"p = {p:.4f}" in item
+        assert 'fill="#{:02x}{:02x}{:02x}"'.format(*color) in item
+    assert 'class="cbar" hidden' in page
+    assert f"Explained classes: the top {K}, fused by FM-G-CAM" in page and "Explained class:" not in page
+    prov = dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", page))
+    assert prov["FM-G-CAM"] == f"k {K}, base gradcam, activation relu, norm stack, probability softmax"
+
+
+def test_result_report_shows_the_figure_and_is_self_contained(result_bundle) -> None:
+    out, _, _ = result_bundle
+    page = (out / "report.html").read_text()
+    _assert_self_contained(page)
+    fig = re.search(r'<section id="figure-fmgcam">.*?<img src="([^"]+)"', page, re.S)
+    assert fig is not None
+    with Image.open(out / "fmgcam.png") as want:
+        assert _sheet(fig.group(1)).shape == (want.height, want.width, 3)
+
+
+def test_figure_only_fmgcam_section_keeps_the_ordinary_viewer(tiny, tmp_path) -> None:
+    """An explanation bundle whose ``fmgcam`` section only names a figure (no class table) is not fused."""
+    from camanim.explanation import explain, save_explanation
+
+    model, x = tiny
+    out = save_explanation(explain(model, x, layers="last"), tmp_path / "b", overlays=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["fmgcam"] = {"figure": "fmgcam.png"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    page = render_report(out)
+    data = _json_block(page, "report-data")
+    assert data["methods"] == ["gradcam"] and "fusion" not in data
+    assert 'id="legend"' not in page and '<div class="cbar"><span id="cbar-lo">' in page
+
+
+def test_cli_fmgcam_then_report(tmp_path, capsys) -> None:
+    """``camanim fmgcam`` writes no report; ``camanim report`` on its bundle draws the fused viewer."""
+    from camanim.bundle import load_maps, read_manifest
+    from camanim.cli import main
+    from camanim.report.source import from_bundle
+
+    out = tmp_path / "fm"
+    args = ["fmgcam", "--model", "resnet18", "--weights", "none", "--top-k", "2", "--no-panels"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main(["report", str(out), "--format", "png"]) == 0
+    page = (out / "report.html").read_text()
+    manifest = read_manifest(out)
+    layer = manifest["fmgcam"]["layers"][-1]
+    data = _json_block(page, "report-data")
+    assert data["methods"] == ["fmgcam"] and [f["name"] for f in data["frames"]] == [layer]
+    assert [c["name"] for c in data["fusion"]["classes"]] == [
+        c["name"] for c in manifest["fmgcam"]["classes"]
+    ]
+    assert len(re.findall(r'<li><svg class="swatch"', page)) == 2 and 'id="figure-fmgcam"' in page
+    assert data["tile"] == [224, 224]
+    tile = _tiles(_json_block(page, "report-frames"), data, "local")[0]
+    ref = fused_overlay(load_maps(out)[f"fmgcam/{layer}"], from_bundle(out).display, alpha=0.5)
+    assert np.abs(tile.astype(int) - ref.astype(int)).max() <= 1

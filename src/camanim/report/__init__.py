@@ -3,9 +3,9 @@
 The page shows the input and top-5 predictions; a layer-by-layer viewer (slider, play/pause, arrow keys,
 method selector, local/global toggle) with the current layer's name, type, native map size, parameters,
 raw range and ROAD; the ybROAD curve (click a point to jump to its layer, the best layer highlighted); the
-strip figure, FM-G-CAM panel and method comparison when the bundle has them; and the provenance. An
-FM-G-CAM animation's viewer shows the top-K classes fused, each in its colour, with the class legend
-(:mod:`camanim.report.fused`).
+strip figure, FM-G-CAM panel and method comparison when the bundle has them; and the provenance. The
+viewer of an FM-G-CAM bundle (an animation, or a ``camanim fmgcam`` result with its ``fmgcam.png``) shows
+the top-K classes fused, each in its colour, with the class legend (:mod:`camanim.report.fused`).
 
 It is rendered from the bundle's manifest and the files it names (raw maps, input), never by running a
 model: frames are re-rendered from ``maps.npz`` exactly as the animation draws its tiles and embedded as

@@ -1,4 +1,6 @@
-"""The report's viewer for an FM-G-CAM animation bundle (``camanim animate --method fmgcam``).
+"""The report's viewer for an FM-G-CAM bundle: an animation (``camanim animate --method fmgcam``, the
+manifest's ``animation.fmgcam`` entry) or a result (``camanim fmgcam``,
+:func:`~camanim.methods.fused.write_fmgcam`: a top-level ``fmgcam`` section, no animation).
 
 Such a bundle stores the K raw base maps of every kept layer (``"<base>/<layer>"``, ``(K, h, w)``), not the
 fused maps. The viewer fuses them again with :func:`camanim.methods.fused.fuse` and the manifest's base,
@@ -7,6 +9,11 @@ each tile as the animation draws its frames' tiles: :func:`camanim.fused_frames.
 animation's shrink, and :func:`camanim.frames.fused_tiles` (each class in its hue, the blend of
 :func:`~camanim.methods.fused.fused_overlay`), scaled by the ranges the manifest records
 (:data:`camanim.fused_frames.NORMALISATION`). The class legend comes from the manifest's class table.
+
+A result bundle records no ranges, tile size or opacity: its viewer shows the layers its ``fmgcam`` section
+lists, measures the local and global ranges as the animation does (:func:`local_ranges`, then their union)
+and draws with the animation's defaults (opacity 0.5, tiles of the input size up to 224 px), so its tiles
+are those of ``camanim animate --method fmgcam`` of the same model, image and K at those layers.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from camanim.fused_frames import FMGCAM, upsample_fused
+from camanim.fused_frames import FMGCAM, NORMALISATION, upsample_fused
 from camanim.normalize import Range
 from camanim.report.source import Source, dig
 
@@ -38,7 +45,10 @@ class Fusion:
         classes: the manifest's class table, most probable first (rank, class, name, probability, colour).
         colors: ``(K, 3)`` uint8 class colours, as the manifest records them.
         score: ``"softmax"`` or ``"sigmoid"``: what the probabilities are.
-        normalisation: how the frames are scaled (the manifest's text).
+        normalisation: how the frames are scaled (the manifest's text; a result bundle records none, and
+            its frames are scaled by :data:`~camanim.fused_frames.NORMALISATION`).
+        layers: a result bundle's layers, in forward order (the viewer's frames); empty for an animation,
+            whose frames are its ``per_frame`` layers.
     """
 
     base: str
@@ -48,6 +58,7 @@ class Fusion:
     colors: np.ndarray
     score: str
     normalisation: str
+    layers: tuple[str, ...] = ()
 
     @property
     def k(self) -> int:
@@ -64,15 +75,30 @@ def _color(value: Any) -> tuple[int, int, int] | None:
 
 
 def fusion_of(manifest: Mapping[str, Any]) -> Fusion | None:
-    """The fusion of an FM-G-CAM animation bundle, or None for any other bundle (ordinary methods).
+    """The fusion of an FM-G-CAM bundle, or None for any other bundle (ordinary methods).
 
+    An animation bundle is FM-G-CAM when its methods are ``["fmgcam"]`` and it has an ``animation.fmgcam``
+    entry; a bundle without an animation section when its top-level ``fmgcam`` section holds a class table
+    (:meth:`~camanim.methods.fused.FMGCAMResult.describe`; a section naming only a figure is not one).
     Class colours missing or malformed in the manifest fall back to
     :func:`~camanim.methods.fused.class_colors` (what the animation uses).
     """
-    entry = dig(manifest, "animation", "fmgcam")
-    methods = dig(manifest, "animation", "methods")
-    if not isinstance(entry, Mapping) or methods != [FMGCAM]:
+    if dig(manifest, "animation"):
+        entry = dig(manifest, "animation", "fmgcam")
+        if not isinstance(entry, Mapping) or dig(manifest, "animation", "methods") != [FMGCAM]:
+            return None
+        return _fusion(entry, str(entry.get("normalisation") or ""), ())
+    entry = manifest.get("fmgcam")
+    if not isinstance(entry, Mapping) or "classes" not in entry:
         return None
+    layers = entry.get("layers")
+    layers = tuple(str(n) for n in layers) if isinstance(layers, list) else ()
+    return _fusion(entry, NORMALISATION, layers)
+
+
+def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...]) -> Fusion | None:
+    """:class:`Fusion` from a manifest's FM-G-CAM entry (an animation's or a result's), or None (a
+    warning) when it names no classes or base method."""
     classes = [c for c in entry.get("classes") or [] if isinstance(c, Mapping)]
     base = entry.get("base")
     if not classes or not isinstance(base, str) or not base:
@@ -92,7 +118,8 @@ def fusion_of(manifest: Mapping[str, Any]) -> Fusion | None:
         classes=tuple(classes),
         colors=table,
         score="sigmoid" if entry.get("probability") == "sigmoid" else "softmax",
-        normalisation=str(entry.get("normalisation") or ""),
+        normalisation=normalisation,
+        layers=layers,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from camanim.report import tiles as T
@@ -75,16 +75,14 @@ def provenance(src: Source, stats: Mapping[str, Any]) -> list[tuple[str, str]]:
     anim = m.get("animation") or {}
     if anim:
         add("normalisation", anim.get("normalisation"))
-        fm = anim.get("fmgcam")
-        if isinstance(fm, Mapping):
-            settings = ("k", "base", "activation", "norm", "probability")
-            add("FM-G-CAM", ", ".join(f"{k} {fm[k]}" for k in settings if k in fm))
-            add("FM-G-CAM normalisation", fm.get("normalisation"))
+        _fmgcam_rows(add, anim.get("fmgcam"))
         skipped = anim.get("skipped") or []
         add(
             "layers left out",
             f"{len(skipped)} (non-spatial outputs or repeated tensors; see layers.csv)" if skipped else None,
         )
+    else:  # an FM-G-CAM result bundle (camanim fmgcam): its settings in a top-level section
+        _fmgcam_rows(add, m.get("fmgcam"))
     road = m.get("road") or {}
     if road:
         defin = road.get("definition")
@@ -106,6 +104,14 @@ def provenance(src: Source, stats: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     add("bundle", src.origin)
     return rows
+
+
+def _fmgcam_rows(add: Callable[[str, Any], None], fm: Any) -> None:
+    """The FM-G-CAM settings rows of a manifest's ``fmgcam`` entry (an animation's or a result's), if any."""
+    if isinstance(fm, Mapping):
+        settings = ("k", "base", "activation", "norm", "probability")
+        add("FM-G-CAM", ", ".join(f"{k} {fm[k]}" for k in settings if k in fm))
+        add("FM-G-CAM normalisation", fm.get("normalisation"))
 
 
 _FIGURE_TEXT = {

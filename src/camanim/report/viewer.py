@@ -222,20 +222,20 @@ def viewer(
 
     Returns:
         ``(data, sheets, why, stats)``: the JSON read by ``report.js`` (frames, methods, norms, ranges, raw
-        ranges, flags, ROAD...; for an FM-G-CAM animation also ``fusion``: base, activation, norm and the
+        ranges, flags, ROAD...; for an FM-G-CAM bundle also ``fusion``: base, activation, norm and the
         class legend), the sprite sheets' data URIs per method and normalisation, why there is no viewer
         (``data`` is then None), and figures for the provenance (tile count, bytes, seconds).
 
-    An FM-G-CAM animation bundle (:mod:`camanim.report.fused`) gets one tile per kept layer and
-    normalisation, its classes fused from the stored base maps and drawn each in its hue.
+    An FM-G-CAM bundle (:mod:`camanim.report.fused`: an animation, or a ``camanim fmgcam`` result) gets one
+    tile per layer and normalisation, its classes fused from the stored base maps and drawn each in its hue.
     """
     manifest = src.manifest
     anim = manifest.get("animation") if isinstance(manifest.get("animation"), Mapping) else {}
-    frames = _frame_names(manifest)
+    fusion = F.fusion_of(manifest)
+    frames = list(fusion.layers) if fusion is not None and fusion.layers else _frame_names(manifest)
     if not frames:
         return None, None, "This bundle has no layer maps to show.", {}
     sample = sample_of(manifest)
-    fusion = F.fusion_of(manifest)
     raw: dict[str, list[Any]] = {}  # per method, a map per frame: (h, w) arrays, FM-G-CAM (K, h, w) tensors
     if fusion is not None:
         fused = F.fused_maps(src, fusion, frames)
