@@ -360,7 +360,7 @@ def test_figure_only_fmgcam_section_keeps_the_ordinary_viewer(tiny, tmp_path) ->
 
 
 def test_cli_fmgcam_then_report(tmp_path, capsys) -> None:
-    """``camanim fmgcam`` writes no report; ``camanim report`` on its bundle draws the fused viewer."""
+    """``camanim fmgcam`` writes its report; ``camanim report`` on its bundle draws the same fused viewer."""
     from camanim.bundle import load_maps, read_manifest
     from camanim.cli import main
     from camanim.report.source import from_bundle
@@ -368,6 +368,7 @@ def test_cli_fmgcam_then_report(tmp_path, capsys) -> None:
     out = tmp_path / "fm"
     args = ["fmgcam", "--model", "resnet18", "--weights", "none", "--top-k", "2", "--no-panels"]
     assert main([*args, "--out", str(out)]) == 0
+    assert _json_block((out / "report.html").read_text(), "report-data")["methods"] == ["fmgcam"]
     assert main(["report", str(out), "--format", "png"]) == 0
     page = (out / "report.html").read_text()
     manifest = read_manifest(out)

@@ -447,6 +447,7 @@ def cmd_fmgcam(args: argparse.Namespace) -> int:
         multilabel=args.multilabel,
     )
     path = res.save(out, force=args.force, command=" ".join(sys.argv), panels=args.panels)
+    _write_report(path)
     _print_fused(res, path)
     return 0
 
