@@ -196,16 +196,14 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     return torch.stack(tensors), np.stack(displays), info
 
 
-def _resolve_targets(target: Any, probs: Tensor, class_names: Sequence[str]) -> list[int]:
-    b = probs.shape[0]
-    if target is None:
-        return [int(i) for i in probs.argmax(dim=1)]
+def _resolve_targets(target: Any, b: int, class_names: Sequence[str]) -> list[int]:
+    """One class index per sample of a batch of ``b`` from a given target (index, name, list, "a,b")."""
     if isinstance(target, (list, tuple)):
         if len(target) != b:
             raise TargetError(f"{len(target)} targets given for a batch of {b} images")
         return [resolve_class(t, class_names) for t in target]
     if isinstance(target, str) and "," in target:
-        return _resolve_targets(target.split(","), probs, class_names)
+        return _resolve_targets(target.split(","), b, class_names)
     return [resolve_class(target, class_names)] * b
 
 
@@ -296,8 +294,7 @@ def explain(
         passes = top_k
         display = np.repeat(display, passes, axis=0)
     elif target is not None:
-        dummy = torch.zeros(x.shape[0], max(len(lm.class_names), 1))
-        classes = _resolve_targets(target, dummy, lm.class_names)
+        classes = _resolve_targets(target, x.shape[0], lm.class_names)
     else:
         classes = None  # the top-1 class, read from the capture's own forward
     timings["layers"] = time.perf_counter() - t

@@ -2,8 +2,9 @@
 
 The value matrix ``X`` of one sample (``h*w`` positions by ``C`` channels) is centred per channel and
 projected on its first right singular vector ``v1``; the map is ``X v1 = s1 u1``. It is computed from
-the top eigenvector of the smaller Gram matrix (``C x C`` or ``hw x hw``, by block subspace iteration), which is the reduced SVD's first singular pair without decomposing the whole matrix: grad-cam's full SVD builds an
-``hw x hw`` matrix (18 s at 112x112x64).
+the top eigenvector of the smaller Gram matrix (``C x C`` or ``hw x hw``; one ``eigh`` when it is small,
+block subspace iteration otherwise), which is the reduced SVD's first singular pair without decomposing
+the whole matrix: grad-cam's full SVD builds an ``hw x hw`` matrix (18 s at 112x112x64).
 
 Sign convention: an SVD's sign is arbitrary (grad-cam keeps whatever LAPACK returns, so its EigenCAM can
 come out inverted and then vanish under ReLU). Here the component is oriented so that the projection

@@ -164,10 +164,10 @@ class CompiledForward:
         if self.failed or n > self.batch:
             return self.net(inp)
         if n < self.batch:
+            cl = inp.dim() == 4 and inp.is_contiguous(memory_format=torch.channels_last)
             pad = inp.new_zeros((self.batch - n, *inp.shape[1:]))
-            fmt = torch.channels_last if inp.is_contiguous(memory_format=torch.channels_last) else None
-            inp = (
-                torch.cat([inp, pad]) if fmt is None else torch.cat([inp, pad]).contiguous(memory_format=fmt)
+            inp = torch.cat([inp, pad]).contiguous(
+                memory_format=torch.channels_last if cl else torch.contiguous_format
             )
         try:
             out = self.compiled(inp)
@@ -178,13 +178,6 @@ class CompiledForward:
             self.failed = True
             return self.net(inp[:n])
         return out[:n]
-
-
-def _time_one_call(net: nn.Module, x: Tensor, n: int) -> float:
-    """Seconds of one forward of ``n`` copies of ``x[:1]``."""
-    t0 = time.perf_counter()
-    net(torch.cat([x[:1]] * n))
-    return time.perf_counter() - t0
 
 
 def resolve_layer(model: nn.Module, x: Tensor, layer: Layer | str) -> Layer:
@@ -585,7 +578,9 @@ def run_per_channel(
     for name, method in methods.items():
         with working_model(model, x, channels_last, fold_batchnorm=method.fold_batchnorm) as (net, xw):
             if not logged:  # the plan of every method, before any runs
-                per_call = _time_one_call(net, xw, n)  # for the estimate
+                t0 = time.perf_counter()
+                net(torch.cat([xw[:1]] * n))  # times one batched forward for the estimate
+                per_call = time.perf_counter() - t0
                 for planned in methods:
                     logger.info(
                         "%s: %d forwards (%d channels over %d layer(s) x %d sample(s)%s) in %d batched calls "
