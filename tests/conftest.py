@@ -70,6 +70,18 @@ class Trained:
     accuracy: float
 
 
+class CountingCNN(TinyCNN):
+    """A TinyCNN (5 classes) that counts its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__(classes=5)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
 @pytest.fixture(scope="session")
 def localisation_model() -> Trained:
     """A TinyCNN trained on synthetic shapes (about 5 s on 2 CPU cores)."""

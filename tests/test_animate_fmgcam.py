@@ -23,7 +23,7 @@ from camanim.normalize import Range
 from camanim.render import resize_maps
 from camanim.video import count_frames
 
-from .conftest import TinyCNN
+from .conftest import CountingCNN, TinyCNN
 
 K = 3
 
@@ -32,18 +32,6 @@ K = 3
 def x() -> torch.Tensor:
     torch.manual_seed(5)
     return torch.randn(1, 3, 48, 48)
-
-
-class CountingCNN(TinyCNN):
-    """A TinyCNN (5 classes) that counts its forward calls."""
-
-    def __init__(self) -> None:
-        super().__init__(classes=5)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return super().forward(x)
 
 
 def test_one_frame_per_kept_layer_from_one_k_class_capture(

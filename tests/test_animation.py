@@ -23,7 +23,7 @@ from camanim.normalize import Range, map_range, normalize
 from camanim.render import colormap_lut
 from camanim.video import count_frames, read_frames
 
-from .conftest import TinyCNN
+from .conftest import CountingCNN, TinyCNN
 
 SIZE = 32
 
@@ -246,16 +246,6 @@ def test_layers_csv_rows_and_flags(tmp_path: Path) -> None:
     assert by_name["features"]["skipped"] == "same tensor as features.8"
     assert by_name["features.3"]["map_size"] == "24x24" and by_name["features.3"]["params"] == "4640"
     assert [int(r["index"]) for r in rows] == sorted(int(r["index"]) for r in rows)
-
-
-class CountingCNN(TinyCNN):
-    def __init__(self) -> None:
-        super().__init__(classes=5)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return super().forward(x)
 
 
 def test_resume_reuses_maps_and_renders_only_missing_videos(
