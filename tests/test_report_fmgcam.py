@@ -57,6 +57,25 @@ def _tiles(sheets: dict, data: dict, norm: str) -> np.ndarray:
     return np.stack(out)
 
 
+def _first_sheets(data: dict, sheets: dict, n: int) -> dict[str, np.ndarray]:
+    """Checks an FM-G-CAM report's sprite sheets (local and global, n cells each) and returns the first
+    sheet of each normalisation, decoded."""
+    assert data["methods"] == ["fmgcam"] and data["norms"] == ["local", "global"]
+    assert list(sheets) == ["fmgcam"] and list(sheets["fmgcam"]) == ["local", "global"]
+    h, w = data["tile"]
+    cols = data["columns"]
+    first = {}
+    for norm in ("local", "global"):
+        assert len(sheets["fmgcam"][norm]) == -(-n // data["perSheet"])
+        first[norm] = _sheet(sheets["fmgcam"][norm][0])
+        assert first[norm].shape == (
+            -(-n // cols) * h,
+            min(n, cols) * w,
+            3,
+        )  # exactly n cells, the rest black
+    return first
+
+
 def test_one_tile_per_kept_layer_and_normalisation(fm_bundle) -> None:
     out, anim = fm_bundle
     page = (out / "report.html").read_text()
@@ -66,14 +85,11 @@ def test_one_tile_per_kept_layer_and_normalisation(fm_bundle) -> None:
     n = len(anim.layers)
     assert [f["name"] for f in data["frames"]] == [la.name for la in anim.layers]
     assert [f["layer"] for f in manifest["animation"]["per_frame"]] == [la.name for la in anim.layers]
-    assert data["methods"] == ["fmgcam"] and data["norms"] == ["local", "global"]
-    assert list(sheets) == ["fmgcam"] and list(sheets["fmgcam"]) == ["local", "global"]
+    first = _first_sheets(data, sheets, n)
     h, w = data["tile"]
     cols = data["columns"]
     for norm in ("local", "global"):
-        assert len(sheets["fmgcam"][norm]) == -(-n // data["perSheet"])
-        sheet = _sheet(sheets["fmgcam"][norm][0])
-        assert sheet.shape == (-(-n // cols) * h, min(n, cols) * w, 3)  # exactly n cells, the rest black
+        sheet = first[norm]
         cells = [
             sheet[r * h : (r + 1) * h, c * w : (c + 1) * w]
             for r, c in map(lambda k: divmod(k, cols), range(n))
@@ -260,14 +276,7 @@ def test_result_bundle_one_tile_per_layer_and_normalisation(result_bundle) -> No
     n = len(res.layers)
     assert n > 1 and [la.name for la in anim.layers] == list(res.layers)
     assert [f["name"] for f in data["frames"]] == list(res.layers)
-    assert data["methods"] == ["fmgcam"] and data["norms"] == ["local", "global"]
-    assert list(sheets) == ["fmgcam"] and list(sheets["fmgcam"]) == ["local", "global"]
-    h, w = data["tile"]
-    cols = data["columns"]
-    for norm in ("local", "global"):
-        assert len(sheets["fmgcam"][norm]) == -(-n // data["perSheet"])
-        sheet = _sheet(sheets["fmgcam"][norm][0])
-        assert sheet.shape == (-(-n // cols) * h, min(n, cols) * w, 3)
+    _first_sheets(data, sheets, n)
     # No ranges in the manifest: measured as the animation measures them.
     np.testing.assert_allclose(
         data["ranges"]["fmgcam"]["local"], [[r.low, r.high] for r in anim.local_ranges("fmgcam")], rtol=1e-6
