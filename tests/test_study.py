@@ -160,7 +160,7 @@ def test_model_specs():
     specs = parse_models("efficientnet_lite0,torchvision:resnet18,tests.conftest:TinyCNN")
     assert [s.is_factory for s in specs] == [False, False, True]
     lm = build_model(specs[2], seed=3)
-    assert lm.name == "tests.conftest:TinyCNN" and isinstance(lm.model, TinyCNN) and not lm.model.training
+    assert lm.name == "tests.conftest:TinyCNN" and isinstance(lm.module, TinyCNN) and not lm.module.training
     again = build_model(specs[2], seed=3)  # seeded: every worker builds the same random model
     assert all(
         torch.equal(a, b)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from camanim.layers import Layer, LayerTracker, as_bchw, modified_in_place
-from camanim.targets import Target
+from camanim.targets import OutputSelector, Target
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def capture(
     """Run one forward and (if ``gradients``) one backward pass, recording the chosen layers.
 
     Args:
-        model: the network; left exactly as found (training flags, ``requires_grad``, no hooks left).
+        model: the network; left exactly as found (training flags, ``requires_grad``, no hooks left). Its
+            class scores ``(B, K)`` are its output, read as :class:`~camanim.targets.OutputSelector` does by
+            default when that is not a tensor (an :class:`~camanim.models.OutputAdapter` applies its own).
         x: input ``(B, 3, H, W)`` on the model's device, normalised as the model expects.
         target: maps the model output to one score per sample ``(B,)``, or to ``K`` scores per sample
             ``(B, K)``: then the forward pass is shared and ``K`` backward passes follow (the graph is
@@ -161,6 +163,8 @@ def capture(
                 handles.append(module.register_forward_hook(forward_hook))
             inp = x.detach().clone().requires_grad_(gradients)
             output = model(inp)
+            if not isinstance(output, Tensor):  # a plain module returning a tuple, dict or dataclass
+                output = OutputSelector()(output)
             for h in handles:
                 h.remove()
             handles.clear()

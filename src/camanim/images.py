@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import re
+import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -142,6 +144,7 @@ def load_image(
     downscale_to: int | None = 4096,
     url_timeout: float = 20.0,
     url_max_bytes: int = 50 * 2**20,
+    url_deadline: float = 60.0,
 ) -> LoadedImage:
     """Load a picture as 8-bit RGB.
 
@@ -159,13 +162,16 @@ def load_image(
             long (aspect kept); ``None`` keeps the full size.
         url_timeout: Seconds to wait on each network operation for a URL.
         url_max_bytes: Largest download accepted for a URL, in bytes.
+        url_deadline: Seconds the whole download of a URL may take (a server trickling bytes slowly is
+            given up on), connection included.
 
     Returns:
         The loaded picture with its provenance and conversion notes.
 
     Raises:
         ImageError: The source does not exist, is not a readable image, is truncated or corrupt, has zero
-            size, exceeds ``max_pixels`` or ``url_max_bytes``, or the download failed.
+            size, exceeds ``max_pixels`` or ``url_max_bytes``, or the download failed or took longer than
+            ``url_deadline``.
         TypeError: ``source`` has an unsupported type.
         ValueError: ``max_pixels`` or ``downscale_to`` is not positive.
     """
@@ -173,6 +179,8 @@ def load_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if downscale_to is not None and downscale_to < 1:
         raise ValueError(f"downscale_to must be positive or None, got {downscale_to}")
+    if not url_deadline > 0:
+        raise ValueError(f"url_deadline must be positive, got {url_deadline}")
 
     if isinstance(source, np.ndarray):
         rgb, mode, notes = _from_array(source, max_pixels)
@@ -189,7 +197,7 @@ def load_image(
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if _URL_RE.match(text):
-        data = _fetch_url(text, url_timeout, url_max_bytes)
+        data = _fetch_url(text, url_timeout, url_max_bytes, url_deadline)
         return _from_encoded(lambda: io.BytesIO(data), text, len(data), max_pixels, downscale_to)
 
     path = Path(text).expanduser()
@@ -223,15 +231,29 @@ def load_image(
 # Sources
 
 
-def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
-    """Download ``url``, at most ``max_bytes`` bytes; raise ImageError on any failure."""
+def _socket_of(response: object) -> socket.socket | None:
+    """The socket under an ``http.client.HTTPResponse`` (None for anything else)."""
+    raw = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _fetch_url(url: str, timeout: float, max_bytes: int, deadline: float = 60.0) -> bytes:
+    """Download ``url``, at most ``max_bytes`` bytes within ``deadline`` seconds in all; each network
+    operation waits at most ``timeout`` seconds (and no longer than the time left). Raise ImageError on any
+    failure."""
     limit = f"{max_bytes / 2**20:g} MB"
     request = urllib.request.Request(url, headers={"User-Agent": "camanim", "Accept": "image/*"})
     log.info("downloading %s", url)
     chunks: list[bytes] = []
+    end = time.monotonic() + deadline
+    too_slow = ImageError(
+        f"could not download {url}: it took longer than {deadline:g} s (url_deadline); the server is too "
+        "slow or stalled: retry later, raise url_deadline, or download the image and pass the file"
+    )
     try:
         # Looked up on the module at call time, so tests can monkeypatch urllib.request.urlopen.
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=min(timeout, deadline)) as response:
             headers = getattr(response, "headers", None) or {}
             ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype and not ctype.startswith("image/") and ctype not in _OK_CONTENT_TYPES:
@@ -240,21 +262,37 @@ def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
             if length.isdigit() and int(length) > max_bytes:
                 raise ImageError(f"{url} is larger than {limit} ({int(length):,} bytes; url_max_bytes)")
             total = 0
-            while chunk := response.read(_CHUNK):
+            # read1 returns what has arrived (read would wait for a whole chunk); the deadline is checked
+            # between reads, and each read waits no longer than the time left.
+            read = getattr(response, "read1", None) or response.read
+            sock = _socket_of(response)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise too_slow
+                if sock is not None:
+                    sock.settimeout(min(timeout, left))
+                chunk = read(_CHUNK)
+                if not chunk:
+                    break
                 total += len(chunk)
                 if total > max_bytes:
                     raise ImageError(f"{url} is larger than {limit} (url_max_bytes={max_bytes:,})")
                 chunks.append(chunk)
     except ImageError:
         raise
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise ImageError(f"could not download {url}: {e.reason}") from e
-    except TimeoutError as e:
-        raise ImageError(f"could not download {url}: timed out after {timeout:g} s") from e
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        raise ImageError(f"could not download {url}: {e}") from e
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError and TimeoutError included
+        if time.monotonic() >= end:
+            raise too_slow from e
+        if isinstance(e, urllib.error.HTTPError):
+            why = f"HTTP {e.code} {e.reason}"
+        elif isinstance(e, urllib.error.URLError) and not isinstance(e.reason, TimeoutError):
+            why = str(e.reason)
+        elif isinstance(e, (TimeoutError, urllib.error.URLError)):
+            why = f"timed out after {timeout:g} s"
+        else:
+            why = str(e)
+        raise ImageError(f"could not download {url}: {why}") from e
     return b"".join(chunks)
 
 

@@ -1,0 +1,89 @@
+"""What the ``camanim`` command checks before any model is loaded or any folder staged."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+from pathlib import Path
+
+from camanim.animation import check_animation_options
+from camanim.bundle import check_output
+from camanim.comparison import read_road_source
+from camanim.devices import resolve_device
+from camanim.errors import OptionError
+from camanim.fused_frames import fused_options
+from camanim.images import load_image
+from camanim.methods import parse_methods
+from camanim.methods.fused import check_base
+from camanim.road import get_imputer
+
+
+def check(args: argparse.Namespace) -> None:
+    """Check every option that needs no model, before any model is loaded or any folder staged.
+
+    Names (methods, layouts, formats, colour maps, imputers) go through the library's own parsers, the
+    device must exist here, the output folder must be usable (:func:`camanim.bundle.check_output`), and
+    the image is read now (``args.image`` becomes the loaded image), so a typo costs no computation.
+    """
+
+    command = args.command
+    if getattr(args, "device", None) is not None:
+        args.device = str(resolve_device(args.device))
+    if getattr(args, "top_k", None) is not None and getattr(args, "target", None) is not None:
+        raise OptionError(
+            "--top-k explains the K most probable classes and --target one class you name: give one of them"
+        )
+    if command in ("animate", "run"):
+
+        fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
+        fused = fused_options(args.methods, target=args.target, **fmgcam)
+        if fused is None:
+            parse_methods(args.methods)
+        elif getattr(args, "road", False) or is_best(args):
+            raise OptionError("--road and --layers best score one class's map (ROAD); fmgcam fuses K classes")
+        check_animation_options(
+            norm=getattr(args, "norm", "local,global"),
+            layout=getattr(args, "layout", "side-by-side"),
+            formats=getattr(args, "formats", "mp4"),
+            cmap=getattr(args, "cmap", "jet"),
+        )
+    elif command in ("explain", "road", "compare"):
+        parse_methods(args.methods)
+    if command == "fmgcam":
+
+        check_base(args.base)
+    if command == "road":
+
+        get_imputer(args.imputer)
+    if command == "compare" and args.road is not None:
+
+        args.road = read_road_source(args.road)
+    if getattr(args, "out", None) is not None or command in BUNDLE_COMMANDS:
+        args.out = checkadd_output_options(
+            args.out or default_out(args),
+            force=getattr(args, "force", False),
+            resume=getattr(args, "resume", False),
+        )
+    if hasattr(args, "image"):
+
+        args.image_name = str(args.image)
+        args.image = load_image(args.image)
+
+
+BUNDLE_COMMANDS = ("run", "explain", "animate", "fmgcam", "compare", "road")
+
+
+def is_best(args: argparse.Namespace) -> bool:
+    return str(getattr(args, "layers", "all")).strip().lower() == "best"
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("camanim-out") / f"{stamp}-{args.model.replace(':', '-')}-{Path(str(args.image)).stem}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+

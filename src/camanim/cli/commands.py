@@ -1,0 +1,362 @@
+"""The subcommands: each parses nothing and checks nothing (see :mod:`camanim.cli.checks`); it loads the
+model, calls the pipeline, writes the bundle and prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from camanim.animation import animate
+from camanim.bundle import REPORT, open_bundle
+from camanim.cli.checks import is_best
+from camanim.comparison import check_road_source, compare
+from camanim.errors import CamanimError
+from camanim.explanation import explain, save_explanation, write_explanation
+from camanim.layers import list_layers
+from camanim.methods import parse_methods
+from camanim.methods.fused import fmgcam
+from camanim.models import load_model
+from camanim.report import write_report
+from camanim.road import get_imputer, save_ybroad, write_ybroad, ybroad
+from camanim.study import is_study_dir, write_study_report
+
+logger = logging.getLogger("camanim")
+
+
+def _load(args: argparse.Namespace):
+
+    weights = args.checkpoint or args.weights
+    extra = {} if args.output is None else {"output": args.output}
+    return load_model(args.model, weights, num_classes=args.num_classes, device=args.device, **extra)
+
+
+def _print_predictions(ex, out: Path | None) -> None:
+    for b in range(ex.input.shape[0]):
+        if ex.input.shape[0] > 1:
+            print(f"sample {b}: explained class {ex.targets[b]} ({ex.target_names[b]})")
+        print("top-5:")
+        for rank, (i, name, p) in enumerate(ex.top(5, b), 1):
+            print(f"  {rank}. {i:>5}  {name:<30} p={p:.4f}")
+    if out is not None:
+        print(f"bundle: {out}")
+
+
+def _warn_blank(ex) -> None:
+    """Say on the console when most maps of a run are blank: the usual sign of random weights."""
+    flags = [f for per in ex.flags.values() for f in per.values()]
+    blank = sum(1 for f in flags if {"flat", "zero", "nonfinite", "no_gradient"} & set(f))
+    if flags and 2 * blank > len(flags):
+        logger.warning(
+            "%d of %d maps are zero, constant or non-finite: random weights, or layers with no gradient path "
+            "to the target? (per-map flags are in manifest.json)",
+            blank,
+            len(flags),
+        )
+
+
+def _report_into(bundle) -> None:
+    """Write ``report.html`` into a staged bundle (a ``finalize`` callback of :func:`open_bundle`).
+
+    A failure to render is logged and the bundle is published without it (the report is derived from the
+    bundle and ``camanim report DIR`` rebuilds it); an interruption propagates, so the run can resume.
+    """
+
+    try:
+        write_report(bundle.path)
+    except (CamanimError, ValueError, RuntimeError, KeyError, OSError) as exc:
+        logger.warning("could not write report.html (%s); rerun: camanim report %s", exc, bundle.root)
+        return
+    bundle.file(REPORT, "interactive report (camanim report)")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+
+    lm = _load(args)
+    ex = explain(
+        lm,
+        args.image,
+        methods=args.methods,
+        layers=_layers_or_best(args, lm),
+        target=args.target,
+        top_k=args.top_k,
+        score=args.score,
+        keep_nonspatial=getattr(args, "keep_nonspatial", False),
+        batch_size=getattr(args, "batch_size", 32),
+        max_channels=getattr(args, "max_channels", None),
+        compile=getattr(args, "compile", False),
+    )
+    _warn_blank(ex)
+    path = save_explanation(
+        ex, args.out, force=args.force, overlays=args.overlays, command=" ".join(sys.argv)
+    )
+    logger.info(
+        "explained %d layers x %d methods in %.2f s", len(ex.chosen), len(ex.methods), ex.timings["total"]
+    )
+    _print_predictions(ex, path)
+    return 0
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+
+    fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
+    out = args.out
+    resume = getattr(args, "resume", False)
+    lm = _load(args)
+    anim = animate(
+        lm,
+        args.image,
+        methods=getattr(args, "methods", "gradcam"),
+        target=args.target,
+        layers=_layers_or_best(args, lm),
+        norm=getattr(args, "norm", "local,global"),
+        layout=getattr(args, "layout", "side-by-side"),
+        cmap=getattr(args, "cmap", "jet"),
+        size=getattr(args, "size", None),
+        keep_nonspatial=getattr(args, "keep_nonspatial", False),
+        score=args.score,
+        fps=getattr(args, "fps", None),
+        reuse=out if resume else None,
+        **fmgcam,
+    )
+    _warn_blank(anim.explanation)
+    road_result = None
+    if getattr(args, "road", False):
+        anim, road_result = _with_road(anim, lm, args)
+    path = anim.save(
+        out,
+        formats=getattr(args, "formats", "mp4"),
+        force=args.force,
+        resume=resume,
+        progress=not args.quiet and sys.stderr.isatty(),
+        command=" ".join(sys.argv),
+        also=None if road_result is None else _ybroad_writer(road_result),
+        finalize=_report_into,
+    )
+    logger.info("animated %d layers x %d methods into %s", len(anim), len(anim.methods), path)
+    if anim.fusion is not None:
+        _print_fused(anim.fusion, path)
+    else:
+        _print_predictions(anim.explanation, path)
+    return 0
+
+
+def cmd_fmgcam(args: argparse.Namespace) -> int:
+
+    res = fmgcam(
+        _load(args),
+        args.image,
+        k=args.top_k,
+        base=args.base,
+        activation=args.activation,
+        layers=_layer_spec(args.layers),
+        multilabel=args.multilabel,
+    )
+    _warn_blank(res.explanation)
+    path = res.save(
+        args.out, force=args.force, command=" ".join(sys.argv), panels=args.panels, finalize=_report_into
+    )
+    _print_fused(res, path)
+    return 0
+
+
+def _print_fused(res, path: Path) -> None:
+    """The classes of an FM-G-CAM result, most probable first, and the bundle's path."""
+    label = "sigmoid" if res.multilabel else "p"
+    where = ", ".join(res.layers) if len(res.layers) <= 3 else f"{len(res.layers)} layers"
+    print(f"FM-G-CAM ({res.base}, {res.activation}) at {where}:")
+    for rank, (c, name, p) in enumerate(zip(res.classes, res.names, res.probabilities, strict=True), 1):
+        print(f"  {rank}. {c:>5}  {name:<30} {label}={p:.4f}")
+    print(f"bundle: {path}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+
+    lm = _load(args)
+    target = args.target
+    if args.road is not None:
+        target = check_road_source(args.road, lm, args.image, target)
+    cmp = compare(
+        lm,
+        args.image,
+        methods=args.methods,
+        layers=_layer_spec(args.layers),
+        norm=args.norm,
+        road=None if args.road is None else args.road.values,
+        target=target,
+    )
+    _warn_blank(cmp.explanation)
+    with open_bundle(args.out, force=args.force, command=" ".join(sys.argv)) as bundle:
+        write_explanation(cmp.explanation, bundle, overlays=False)
+        cmp.save(bundle.file("compare.png", "methods x layers grid"))
+        bundle.manifest["compare"] = {
+            "figure": "compare.png",
+            "rows": list(cmp.methods),
+            "columns": [layer.name for layer in cmp.layers],
+            "layer_choice": "among the convolution layers (camanim.comparison)",
+            "norm": cmp.norm,
+            "prediction": cmp.prediction,
+            "road": {f"{m}/{lay}": v for (m, lay), v in cmp.road.items()},
+            "road_source": None if args.road is None else str(args.road.path),
+        }
+    print(cmp.prediction)
+    print(f"bundle: {bundle.root}")
+    return 0
+
+
+def _road_progress(enabled: bool):
+    """A rich progress bar as a ``(done, total)`` callback, or ``None``."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(
+            "ybROAD",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as prog:
+            task = prog.add_task("layers", total=None)
+            yield lambda done, total: prog.update(task, completed=done, total=total)
+
+    return bar()
+
+
+def cmd_road(args: argparse.Namespace) -> int:
+
+    lm = _load(args)
+    with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
+        res, path = save_ybroad(
+            lm,
+            args.image,
+            args.out,
+            force=args.force,
+            resume=args.resume,
+            command=" ".join(sys.argv),
+            smooth=args.smooth,
+            methods=args.methods,
+            layers=_layer_spec(args.layers),
+            target=args.target,
+            score=args.score,
+            percentages=args.percentages,
+            seed=args.seed,
+            imputer=get_imputer(args.imputer),
+            imputation_space=args.space,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    _warn_blank(res.explanation)
+    print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
+    print(
+        f"{'method':<18} {'layers':>6} {'mean ROAD':>10} {'final':>9} {'max':>9} {'max-final':>10}  best layer"
+    )
+    for m, r in res.results.items():
+        print(
+            f"{m:<18} {len(r):>6} {r.mean:>10.4f} {r.final:>9.4f} {r.max:>9.4f} {r.difference:>10.4f}  "
+            f"{r.best_layer.name} (index {r.best_layer.index})"
+        )
+    print(f"bundle: {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+
+    if is_study_dir(args.dir):
+        print(f"report: {write_study_report(args.dir)}")
+        return 0
+
+    path = write_report(args.dir, args.out, tile=args.tile, fmt=args.fmt, quality=args.quality)
+    print(f"report: {path}")
+    return 0
+
+
+def _layers_or_best(args: argparse.Namespace, lm):
+    """The ``--layers`` selection; ``best`` runs ybROAD for the first method and picks its max layer."""
+    text = str(getattr(args, "layers", "all"))
+    if not is_best(args):
+        return _layer_spec(text)
+
+    method = parse_methods(getattr(args, "methods", "gradcam"))[0]
+    with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
+        res = ybroad(
+            lm,
+            args.image,
+            methods=method,
+            target=args.target,
+            score=getattr(args, "score", "logit"),
+            keep_nonspatial=getattr(args, "keep_nonspatial", False),
+            progress=progress,
+        )
+    r = res[method]
+    logger.info(
+        "--layers best: %s (index %d), ROAD %.4f: the max ybROAD of %s over %d layers (final layer %.4f)",
+        r.best_layer.name,
+        r.best_layer.index,
+        r.max,
+        method,
+        len(r),
+        r.final,
+    )
+    return r.best_layer.name
+
+
+def _with_road(anim, lm, args: argparse.Namespace):
+    """``anim`` with every frame's ROAD (ybROAD of each method, from the animation's own maps)."""
+
+
+    with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
+        res = ybroad(lm, explanation=anim.explanation, methods=anim.methods, progress=progress)
+    for m, r in res.results.items():
+        logger.info(
+            "ybROAD %s: mean %.4f, max %.4f at %s, final %.4f", m, r.mean, r.max, r.best_layer.name, r.final
+        )
+    road = {m: v for m, v in res.road().items() if m in anim.methods}
+    return dataclasses.replace(anim, road=road), res
+
+
+def _ybroad_writer(res):
+    """A bundle writer adding ``ybroad.csv/json/png`` and ``summary.csv`` for ``res``."""
+
+    return lambda bundle: write_ybroad(res, bundle)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "top_k", None):  # several classes of one image: raw maps and overlays per class
+        return cmd_explain(args)
+    return cmd_animate(args)
+
+
+def _layer_spec(text: str):
+    text = str(text).strip()
+    return int(text) if text.isdigit() else text
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+
+
+    lm = _load(args)
+    h, w = (args.size, args.size) if args.size else lm.preprocessing.size
+    layers = list_layers(lm.model, torch.zeros(1, 3, h, w, device=lm.device))
+    if args.json:
+        print(json.dumps([layer.to_dict() for layer in layers], indent=1))
+        return 0
+    print(f"{'idx':>4}  {'name':<40} {'type':<22} {'output shape':<20} {'params':>10}  kind")
+    for layer in layers:
+        kind = layer.kind + (f" (same as {layer.same_as})" if layer.same_as else "")
+        shape = "x".join(str(s) for s in layer.shape) or "-"
+        print(f"{layer.index:>4}  {layer.name:<40} {layer.type:<22} {shape:<20} {layer.params:>10,}  {kind}")
+    n = sum(1 for layer in layers if layer.is_spatial and layer.same_as is None)
+    print(f"{len(layers)} layers; {n} spatial layers are swept by default")
+    return 0
+
+

@@ -1,0 +1,140 @@
+"""Options shared by the subcommands, and the converters that check each value as it is parsed.
+
+Every converter raises ``argparse.ArgumentTypeError`` with what was wrong and what is accepted; the
+:class:`Parser` prints it as one ``camanim: error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import NoReturn
+
+from camanim.methods import list_methods
+from camanim.road.metric import RoadError, _check_percentages
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other camanim error (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"camanim: error: {message} (see: {self.prog} --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    convert.__name__ = f"integer >= {low}"
+    return convert
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        value = int_at_least(low)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return convert
+
+
+def percentages(text: str) -> tuple[float, ...]:
+    """``"20,40,60,80"``: percent of pixels removed, each in (0, 100]."""
+
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+        return _checkpercentages(values)
+    except (ValueError, RoadError):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated percentages in (0, 100], e.g. 20,40,60,80; got {text!r}"
+        ) from None
+
+
+def non_empty(what: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if not str(text).replace(",", "").strip():
+            raise argparse.ArgumentTypeError(f"is empty: give {what}")
+        return str(text)
+
+    return convert
+
+
+LAYERS_HELP = "all, last, first,middle,last, N (the last N), indices, names or globs"
+
+
+def add_model_options(p: argparse.ArgumentParser, *, image: bool = True) -> None:
+    g = p.add_argument_group("model and image")
+    g.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default, offline), a torchvision name, torchvision:NAME or timm:NAME",
+    )
+    g.add_argument(
+        "--weights",
+        default="default",
+        help="default (pretrained; downloads for torchvision/timm), none (random) or PATH to a state dict",
+    )
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="a state dict for the named architecture (same as --weights PATH)",
+    )
+    g.add_argument(
+        "--num-classes",
+        type=int_at_least(1),
+        default=None,
+        help="head size for random or checkpoint weights",
+    )
+    g.add_argument(
+        "--output",
+        default=None,
+        metavar="KEY|INDEX",
+        help="for models returning a dict, tuple or dataclass: the key or index of the class scores "
+        "(default: the tensor itself, else 'logits', 'out' or the first tensor)",
+    )
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    if image:
+        g.add_argument(
+            "--image",
+            default="chelsea",
+            help="a file, an http(s) URL or a sample: chelsea, coffee, astronaut, rocket",
+        )
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target")
+    g.add_argument(
+        "--target", default=None, help="class index or name (e.g. 'tiger cat'); default the top-1 class"
+    )
+    g.add_argument(
+        "--top-k", type=int_at_least(1), default=None, metavar="K", help="explain each of the top K classes"
+    )
+    g.add_argument(
+        "--score", default="logit", choices=["logit", "probability", "sigmoid"], help="what is differentiated"
+    )
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="bundle folder (default: a new folder under ./camanim-out/)",
+    )
+    g.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+
+
+def method_help() -> str:
+
+    return "comma-separated: " + ", ".join(list_methods()) + " or 'all'"
+
+
