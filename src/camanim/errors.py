@@ -87,8 +87,26 @@ class WeightsError(CamanimError, RuntimeError):
     """Weights that cannot be obtained or do not fit the architecture."""
 
 
+class ModelOutputError(CamanimError, ValueError):
+    """A model output from which no class scores ``(B, K)`` can be read (see ``output=``/``--output``)."""
+
+
 class BundleExistsError(CamanimError, FileExistsError):
-    """The output folder exists and is not empty; pass ``force=True`` (``--force``) to replace it."""
+    """The output folder exists and is not empty: it is refused, or replaced only when it is a camanim bundle
+    holding nothing but what its manifest lists and ``force=True`` (``--force``) is given."""
+
+
+class OutputError(CamanimError, OSError):
+    """The output location cannot be used (protected folder, mount point, read-only, full disk, a file in
+    the way) or writing to it failed; the message names the path and the cause."""
+
+
+class OptionError(CamanimError, ValueError):
+    """An option value outside its valid range or an invalid combination of options."""
+
+
+class DeviceError(CamanimError, ValueError):
+    """A device that does not exist on this machine; the message lists the ones that do."""
 
 
 class MissingExtraError(CamanimError, ImportError):

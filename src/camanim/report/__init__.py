@@ -23,18 +23,18 @@ Example:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import importlib.resources
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from camanim.bundle import MANIFEST, REPORT, atomic_write_bytes, read_manifest
+from camanim.errors import OutputError
 from camanim.report import tiles as T
 from camanim.report.notebook import animation_html, explanation_html, iframe, ybroad_html
 from camanim.report.sections import figures, provenance
@@ -55,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORT = "report.html"
 DEFAULT_QUALITY = 70
 
 
@@ -203,22 +202,46 @@ def write_report(
 ) -> Path:
     """Render the bundle at ``folder`` into ``out`` (default ``folder/report.html``), atomically.
 
+    Written into the bundle, the report is added to the manifest's file list. An ``out`` elsewhere may
+    replace only an earlier camanim report.
+
     Raises:
         CamanimError: ``folder`` is not a bundle (no ``manifest.json``).
+        OutputError: ``out`` exists and is not a camanim report, or cannot be written.
     """
     t0 = time.perf_counter()
-    text = render_report(folder, tile=tile, fmt=fmt, quality=quality)
     path = Path(out) if out is not None else Path(folder) / REPORT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    logger.info("report: %s (%.1f MB, %.1f s)", path, path.stat().st_size / 1e6, time.perf_counter() - t0)
+    if out is not None:
+        check_report_path(path)
+    text = render_report(folder, tile=tile, fmt=fmt, quality=quality)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    if out is None or path.resolve() == (Path(folder) / REPORT).resolve():
+        _list_in_manifest(Path(folder))
+    logger.debug("report: %s (%.1f MB, %.1f s)", path, path.stat().st_size / 1e6, time.perf_counter() - t0)
     return path
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse to overwrite a file that is not a camanim report, or to write into a missing folder's file.
+
+    Raises:
+        OutputError: ``path`` is a folder, or an existing file that camanim did not write.
+    """
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a folder; give a file path for the report, e.g. report.html")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if b'<meta name="generator" content="camanim' not in head:
+            raise OutputError(
+                f"{str(path)!r} exists and is not a camanim report: nothing was changed; give another path"
+            )
+
+
+def _list_in_manifest(folder: Path) -> None:
+    """Add ``report.html`` to the file list of the bundle at ``folder`` (rewritten atomically)."""
+    manifest = read_manifest(folder)
+    files = manifest.setdefault("files", {})
+    if REPORT not in files:
+        files[REPORT] = "interactive report (camanim report)"
+        atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

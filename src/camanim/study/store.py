@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from camanim.bundle import _jsonable, atomic_write_bytes, refuse_protected, versions
+from camanim.errors import CamanimError, MissingExtraError
 from camanim.study.units import StudyError, StudySettings, Unit, UnitOutcome, score_columns
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,6 @@ def pyarrow_modules() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:
-        from camanim.errors import MissingExtraError
-
         raise MissingExtraError(
             "studies store their results with pyarrow: pip install 'camanim[study]' (or camanim[ray])"
         ) from exc
@@ -129,7 +129,6 @@ def summary_schema() -> Any:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    from camanim.bundle import _jsonable, atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=1) + "\n").encode())
 
@@ -157,7 +156,13 @@ class StudyStore:
         return self.root / "summary"
 
     def create(self) -> None:
-        """Make the folders and remove temporary files an interrupted driver left behind."""
+        """Make the folders and remove temporary files an interrupted driver left behind.
+
+        Raises:
+            StudyError: the folder is a protected location (see :func:`camanim.bundle.refuse_protected`),
+                or exists, is not empty and holds no study (nothing in it is changed).
+        """
+        check_study_folder(self.root)
         self.layers_dir.mkdir(parents=True, exist_ok=True)
         self.summary_dir.mkdir(parents=True, exist_ok=True)
         for d in (self.layers_dir, self.summary_dir):
@@ -182,7 +187,6 @@ class StudyStore:
         Raises:
             StudyError: the folder holds a study run with other settings.
         """
-        from camanim.bundle import versions
 
         old = self.read_config()
         new = settings.to_dict()
@@ -329,7 +333,6 @@ class StudyStore:
 
     def export_csv(self) -> Path:
         """Write ``summary.csv`` (atomically) from the summary table; returns its path."""
-        from camanim.bundle import atomic_write_bytes
 
         table = self.read_summary()
         buf = io.StringIO()
@@ -341,6 +344,28 @@ class StudyStore:
         path = self.root / SUMMARY_CSV
         atomic_write_bytes(path, buf.getvalue().encode())
         return path
+
+
+def check_study_folder(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that a study may be written or resumed at ``path``; return it, absolute.
+
+    Raises:
+        StudyError: ``path`` is the current directory, home, ``/`` or an ancestor of the current
+            directory, a file, or a non-empty folder that holds no study.
+    """
+    root = Path(path).expanduser().absolute()
+    try:
+        refuse_protected(root)
+    except CamanimError as exc:
+        raise StudyError(str(exc)) from None
+    if root.exists() and not root.is_dir():
+        raise StudyError(f"{str(root)!r} is a file; give a folder for the study (--out)")
+    if root.is_dir() and any(root.iterdir()) and not is_study_dir(root):
+        raise StudyError(
+            f"{str(root)!r} is not empty and holds no study (no {STUDY_FILE}): nothing in it was changed; "
+            "give a new folder, or the folder of an earlier study to resume it"
+        )
+    return root
 
 
 def is_study_dir(path: str | os.PathLike[str]) -> bool:
