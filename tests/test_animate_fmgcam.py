@@ -220,7 +220,7 @@ def test_resume_reuses_the_k_class_capture(tmp_path: Path, x: torch.Tensor, monk
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``load_model`` replaced by a seeded 5-class TinyCNN at 48x48; returns the names it was asked for."""
-    import camanim.models
+    import camanim.cli.commands
 
     asked: list[str] = []
 
@@ -229,7 +229,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         torch.manual_seed(0)
         return wrap_model(TinyCNN(classes=5).eval(), name=name, preprocessing=Preprocessing(size=(48, 48)))
 
-    monkeypatch.setattr(camanim.models, "load_model", fake)
+    monkeypatch.setattr(camanim.cli.commands, "load_model", fake)
     return asked
 
 

@@ -107,6 +107,7 @@ def test_bundle_resumable_keeps_staging(tmp_path):
     assert not out.exists() and (staging_path(out.absolute()) / "done.txt").exists()
     with open_bundle(out, resume=True) as b:
         assert b.exists("done.txt")
+        b.file("done.txt", "kept from the interrupted run")
     assert (out / "done.txt").exists() and (out / "manifest.json").exists()
 
 

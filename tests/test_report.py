@@ -185,10 +185,10 @@ def test_cli_report(bundle, tmp_path, capsys) -> None:
 
 
 def test_animate_command_writes_the_report(tiny, tmp_path, monkeypatch) -> None:
-    import camanim.cli
+    import camanim.cli.commands
 
     model, _ = tiny
-    monkeypatch.setattr(camanim.cli, "_load", lambda args: wrap_model(model))
+    monkeypatch.setattr(camanim.cli.commands, "_load", lambda args: wrap_model(model))
     out = tmp_path / "anim"
     assert main(["--quiet", "animate", "--image", "coffee", "--size", "64", "--out", str(out)]) == 0
     assert (out / "report.html").is_file() and (out / "manifest.json").is_file()

@@ -304,10 +304,10 @@ def test_best_layer_is_the_max_ybroad_layer(tiny_model):
 
 def test_cli_animate_layers_best_and_road(tmp_path, monkeypatch):
     """``--layers best`` animates the max-ybROAD layer; ``--road`` puts each frame's ROAD in the bundle."""
-    import camanim.road
+    import camanim.cli.commands
     from camanim.cli import main
 
-    real = camanim.road.ybroad
+    real = camanim.cli.commands.ybroad
     calls = []
 
     def small_ybroad(*args, **kwargs):  # keep the test fast: last 3 layers, one p
@@ -317,7 +317,7 @@ def test_cli_animate_layers_best_and_road(tmp_path, monkeypatch):
         calls.append(real(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(camanim.road, "ybroad", small_ybroad)
+    monkeypatch.setattr(camanim.cli.commands, "ybroad", small_ybroad)
     out = tmp_path / "anim"
     args = ["animate", "--model", "resnet18", "--weights", "none", "--size", "48", "--format", "frames"]
     assert main(["--quiet", *args, "--layers", "best", "--road", "--out", str(out)]) == 0

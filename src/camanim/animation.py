@@ -50,7 +50,7 @@ from torch import nn
 
 from camanim import figures, frames
 from camanim.bundle import Bundle, open_bundle
-from camanim.errors import CamanimError, UnknownNameError
+from camanim.errors import CamanimError, OptionError, UnknownNameError
 from camanim.explanation import Explanation, _as_loaded, explain, prepare_input
 from camanim.figures import PERCENTILES, Strip
 from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions, shrink
@@ -108,8 +108,33 @@ def _parse_choice(value: str | Sequence[str], choices: Sequence[str], kind: str)
         if item not in out:
             out.append(item)
     if not out:
-        raise ValueError(f"need at least one {kind}, one of {', '.join(choices)}")
+        raise OptionError(f"need at least one {kind}, one of {', '.join(choices)}")
     return tuple(out)
+
+
+def check_animation_options(
+    *,
+    norm: str | Sequence[str] = ("local", "global"),
+    layout: str | Sequence[str] = "side-by-side",
+    formats: str | Sequence[str] = ("mp4",),
+    cmap: str = "jet",
+    size: int | tuple[int, int] | None = None,
+    fps: int | None = None,
+) -> None:
+    """Check an animation's rendering options before any model runs (the same parsers as the renderer).
+
+    Raises:
+        UnknownNameError: an unknown normalisation, layout, video format or colour map.
+        OptionError: an empty list, a tile size under 8 pixels or a frame rate under 1.
+    """
+    _parse_choice(norm, NORMS, "normalisation")
+    _parse_choice(layout, LAYOUTS, "layout")
+    _parse_choice(formats, FORMATS, "video format")
+    colormap_lut(cmap)
+    if size is not None:
+        frames.tile_size(size, (224, 224))
+    if fps is not None and not int(fps) >= 1:
+        raise OptionError(f"fps must be at least 1, got {fps}")
 
 
 def skip_reason(layer: Layer) -> str | None:
@@ -498,6 +523,7 @@ class Animation:
         extras: bool = True,
         command: str = "",
         also: Callable[[Bundle], None] | None = None,
+        finalize: Callable[[Bundle], None] | None = None,
     ) -> Path:
         """Write the animation bundle.
 
@@ -518,6 +544,8 @@ class Animation:
             extras: write ``strip.png``, ``layers.csv`` and ``params.png``.
             command: the command line recorded in the manifest.
             also: writes more artifacts into the same bundle before its manifest (e.g. ybROAD files).
+            finalize: writes files derived from the staged bundle and its manifest (``report.html``) before
+                it is published (see :func:`camanim.bundle.open_bundle`).
 
         Returns:
             The bundle's path.
@@ -537,10 +565,13 @@ class Animation:
                 extras=extras,
                 command=command,
                 also=also,
+                finalize=finalize,
             )
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
+        with open_bundle(
+            out, force=force, resume=resume, resumable=True, command=command, finalize=finalize
+        ) as bundle:
             same = resume and matches_staged(self, bundle.path)
             t = time.perf_counter()
             stage_explanation(self, bundle, keep=same)
@@ -739,6 +770,7 @@ def animate(
         FusionError: ``"fmgcam"`` mixed with other methods or given a target, or FM-G-CAM options without it.
     """
     fused = fused_options(methods, top_k=top_k, base=base, activation=activation, target=target)
+    check_animation_options(norm=norm, layout=layout, cmap=cmap, size=size, fps=fps)  # before the model runs
     k = None if fused is None else fused.k
     lm = _as_loaded(model, device)
     request = {

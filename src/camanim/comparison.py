@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from camanim.errors import CamanimError
 from camanim.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.normalize import Range, global_range, map_range, normalize
 
@@ -41,6 +42,10 @@ DEFAULT_LAYERS = "first,middle,last"
 NORMS = ("local", "global")
 
 Box = tuple[int, int, int, int]
+
+
+class RoadSourceError(CamanimError, ValueError):
+    """ROAD results that are missing, unreadable or computed for another model, image or target."""
 
 
 # ------------------------------------------------------------------------------------------ layer choice
@@ -310,6 +315,104 @@ def compare(
         prediction=prediction,
         explanation=ex,
     )
+
+
+@dataclass(frozen=True)
+class RoadSource:
+    """ROAD values read from a ybROAD bundle or JSON file, with what they were computed for.
+
+    Attributes:
+        path: where they were read from.
+        values: ROAD per ``(method, layer name)``.
+        model, weights: the model and weights they were computed with (None when the file does not say).
+        target: the explained class index (None when not recorded).
+        image: the image source as recorded (a path or sample name).
+        input: the exact input tensor ``(B, 3, H, W)`` from the bundle's ``input.npy`` (None for a JSON file).
+    """
+
+    path: Path
+    values: dict[tuple[str, str], float]
+    model: str | None = None
+    weights: str | None = None
+    target: int | None = None
+    image: str | None = None
+    input: np.ndarray | None = field(default=None, repr=False)
+
+
+def read_road_source(path: str | os.PathLike) -> RoadSource:
+    """Read ROAD values and their provenance (see :func:`load_road` for the accepted shapes).
+
+    Raises:
+        RoadSourceError: the path does not exist, cannot be read, or holds no ROAD values.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RoadSourceError(f"--road {str(p)!r} does not exist: give a bundle written by `camanim road`")
+    try:
+        values = load_road(p)
+        doc = json.loads((p / "manifest.json" if p.is_dir() else p).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RoadSourceError(
+            f"cannot read ROAD results from {str(p)!r} ({exc}): give a bundle written by `camanim road` "
+            "or its ybroad.json"
+        ) from exc
+    if not values:
+        raise RoadSourceError(f"{str(p)!r} holds no ROAD values (written by `camanim road`?)")
+    doc = doc if isinstance(doc, dict) else {}
+    road = doc.get("road", doc) if isinstance(doc.get("road", doc), dict) else {}
+    recorded = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    model = road.get("model") or recorded.get("name")
+    weights = road.get("weights") or recorded.get("weights")
+    target = (road.get("target") or {}).get("class")
+    if target is None and doc.get("targets"):
+        target = doc["targets"][0].get("class")
+    x = None
+    if p.is_dir() and (p / "input.npy").is_file():
+        x = np.load(p / "input.npy", allow_pickle=False)
+    return RoadSource(
+        path=p,
+        values=values,
+        model=model if isinstance(model, str) else None,
+        weights=weights if isinstance(weights, str) else None,
+        target=None if target is None else int(target),
+        image=road.get("image"),
+        input=x,
+    )
+
+
+def check_road_source(src: RoadSource, lm: Any, image: Any, target: Any = None) -> int | None:
+    """Check that ROAD values were computed for this model, weights, input and target; return the target
+    the comparison must explain (the ROAD run's own, unless one is given and equal).
+
+    Raises:
+        RoadSourceError: any of them differs (the message says which and how).
+    """
+    from camanim.explanation import prepare_input
+    from camanim.targets import resolve_class
+
+    problems = []
+    if src.model is not None and src.model != lm.name:
+        problems.append(f"model {src.model!r}, not {lm.name!r}")
+    if src.weights is not None and src.weights != lm.weights:
+        problems.append(f"weights {src.weights!r}, not {lm.weights!r}")
+    if src.input is not None:
+        x, _, _ = prepare_input(image, lm)
+        if src.input.shape != tuple(x.shape) or not np.allclose(src.input, x.numpy(), atol=1e-6):
+            problems.append(f"another input image ({src.image or 'recorded in input.npy'})")
+    else:
+        logger.warning(
+            "%s has no input.npy: cannot check that its ROAD values were computed on this image", src.path
+        )
+    if target is not None and src.target is not None and resolve_class(target, lm.class_names) != src.target:
+        problems.append(f"target class {src.target}, not {resolve_class(target, lm.class_names)}")
+    if problems:
+        raise RoadSourceError(
+            f"the ROAD results in {str(src.path)!r} were computed for "
+            + "; ".join(problems)
+            + ": they would "
+            "be shown on maps they do not describe; run `camanim road` with this model, image and target"
+        )
+    return src.target if target is None else target
 
 
 def load_road(path: str | os.PathLike) -> dict[tuple[str, str], float]:

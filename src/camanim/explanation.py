@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from camanim.bundle import Bundle, open_bundle
 from camanim.capture import capture
-from camanim.errors import TargetError
+from camanim.errors import LayerSelectionError, OptionError, TargetError
 from camanim.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.methods import get_method, method_class, parse_methods
 from camanim.methods.base import LayerTensors, compute_maps
-from camanim.models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from camanim.models import DEFAULT_MODEL, LoadedModel, OutputSpec, class_names_for, load_model, wrap_model
 from camanim.targets import TARGET_KINDS, resolve_class
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Explanation:
         image_info: where the image came from (source, original size and mode, conversions).
         timings: seconds per stage.
         logits: the raw model output ``(B, K)`` on the CPU (None for an explanation read back from a bundle).
+        output: how the class scores ``(B, K)`` were read from what the network returned.
     """
 
     model_name: str
@@ -83,6 +84,7 @@ class Explanation:
     image_info: dict = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     logits: Tensor | None = field(default=None, repr=False)
+    output: str = "the output itself"
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -139,13 +141,16 @@ def map_flags(m: Tensor, lo: float | None = None, hi: float | None = None) -> li
     return flags
 
 
-def _as_loaded(model: LoadedModel | nn.Module | str, device: str | torch.device | None) -> LoadedModel:
+def _as_loaded(
+    model: LoadedModel | nn.Module | str, device: str | torch.device | None, output: OutputSpec = None
+) -> LoadedModel:
+    """A :class:`LoadedModel` for a model, module or name; ``output`` (if given) replaces its output selector."""
     if isinstance(model, LoadedModel):
-        lm = model
+        lm = model if output is None else model.with_output(output)
     elif isinstance(model, nn.Module):
-        lm = wrap_model(model)
+        lm = wrap_model(model, output=output)
     else:
-        lm = load_model(model, device=device or "cpu")
+        lm = load_model(model, device=device or "cpu", output=output)
     if device is not None and lm.device != torch.device(device):
         lm.model.to(device)
     return lm
@@ -196,15 +201,23 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     return torch.stack(tensors), np.stack(displays), info
 
 
-def _resolve_targets(target: Any, b: int, class_names: Sequence[str]) -> list[int]:
-    """One class index per sample of a batch of ``b`` from a given target (index, name, list, "a,b")."""
+def _target_specs(target: Any, b: int) -> list[int | str]:
+    """One class spec (index or name) per sample of a batch of ``b`` from a given target (list, "a,b")."""
     if isinstance(target, (list, tuple)):
         if len(target) != b:
             raise TargetError(f"{len(target)} targets given for a batch of {b} images")
-        return [resolve_class(t, class_names) for t in target]
+        return list(target)
     if isinstance(target, str) and "," in target:
-        return _resolve_targets(target.split(","), b, class_names)
-    return [resolve_class(target, class_names)] * b
+        return _target_specs(target.split(","), b)
+    return [target] * b
+
+
+def _resolve_targets(
+    target: Any, b: int, class_names: Sequence[str], num_classes: int | None = None
+) -> list[int]:
+    """One class index per sample of a batch of ``b`` from a given target (index, name, list, "a,b"), each
+    below ``num_classes`` (the size ``K`` of the model output; default ``len(class_names)``)."""
+    return [resolve_class(t, class_names, num_classes) for t in _target_specs(target, b)]
 
 
 def explain(
@@ -223,6 +236,7 @@ def explain(
     batch_size: int = 32,
     max_channels: int | None = None,
     compile: bool = False,
+    output: OutputSpec = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
 
@@ -247,14 +261,18 @@ def explain(
         batch_size: inputs per extra forward of a per-channel method.
         max_channels: per-channel methods score at most this many channels per layer (an approximation).
         compile: run Score-CAM's forwards through ``torch.compile`` (see :mod:`camanim.methods.perturbation`).
+        output: how to read the class scores ``(B, K)`` from what the model returns (a key, an index or a
+            callable; default: the tensor itself, else ``logits``, ``out`` or the first ``(B, K)`` tensor).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
     """
     t0 = time.perf_counter()
-    lm = _as_loaded(model, device)
+    lm = _as_loaded(model, device, output)
     net = lm.model
     dev = lm.device
+    if top_k is not None and target is not None:
+        raise OptionError("top_k explains the K most probable classes and target one class: give one of them")
     names = parse_methods(methods)
     per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
     instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel}
@@ -284,6 +302,7 @@ def explain(
         return (keep_duplicates or layer.same_as is None) and (keep_nonspatial or layer.is_spatial)
 
     passes = 1
+    specs = None  # the given target per sample (index or name)
     if top_k is not None:
         # The K classes share the capture's forward, which also ranks them; one backward pass per class.
         if x.shape[0] != 1:
@@ -294,7 +313,8 @@ def explain(
         passes = top_k
         display = np.repeat(display, passes, axis=0)
     elif target is not None:
-        classes = _resolve_targets(target, x.shape[0], lm.class_names)
+        classes = None  # resolved against the size K of the capture's own output, the class count
+        specs = _target_specs(target, x.shape[0])
     else:
         classes = None  # the top-1 class, read from the capture's own forward
     timings["layers"] = time.perf_counter() - t
@@ -327,10 +347,14 @@ def explain(
             per_pass[k] = m.detach()  # NaN/inf are replaced (and flagged) on the way to the CPU
             flags[n].setdefault(layer.name, ())
 
-    lazy_target = _LazyTarget(classes, score, top_k=top_k)
+    lazy_target = _LazyTarget(classes, score, top_k=top_k, specs=specs, names=lambda: lm.class_names)
     t = time.perf_counter()
     result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
+    if not result.chosen:
+        raise LayerSelectionError(
+            f"no layer of {lm.name} has a map to explain (no spatial layer was produced; see `camanim layers`)"
+        )
     maps: dict[str, dict[str, Tensor]] = {
         n: {name: p[0] if passes == 1 else torch.cat(p) for name, p in parts[n].items()} for n in names
     }
@@ -403,23 +427,44 @@ def explain(
         image_info=image_info,
         timings=timings,
         logits=output.detach().float().cpu(),
+        output=lm.output,
     )
 
 
 class _LazyTarget:
-    """The target class per sample, decided from the capture's own output when not given (top-1).
+    """The target class per sample, decided from the capture's own output ``(B, K)``.
 
-    With ``top_k``, the ``k`` highest-scoring classes of the single sample (by logit, which ranks them
-    as the softmax and the sigmoid do), each scored on it: ``(1, K)`` scores, one backward pass each.
+    Given targets (``specs``: an index or a class name per sample) are resolved there, against ``K`` and the
+    class names ``names()`` (read once ``K`` is known), so the class count is the model's real one and no
+    extra forward pass is needed; without them, the top-1 class. With ``top_k``, the ``k`` highest-scoring
+    classes of the single sample (by logit, which ranks them as the softmax and the sigmoid do), each scored
+    on it: ``(1, K)`` scores, one backward pass each.
     """
 
-    def __init__(self, classes: list[int] | None, score: str, top_k: int | None = None) -> None:
+    def __init__(
+        self,
+        classes: list[int] | None,
+        score: str,
+        top_k: int | None = None,
+        *,
+        specs: Sequence[int | str] | None = None,
+        names: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
         self.classes = classes
         self.score = score
         self.top_k = top_k
+        self.specs = specs
+        self.names = names
 
     def __call__(self, output: Tensor) -> Tensor:
         kind = TARGET_KINDS[self.score]
+        k = output.shape[1]
+        if self.classes is None and self.specs is not None:
+            names = self.names() if self.names is not None else class_names_for(k)
+            self.classes = [resolve_class(s, names, k) for s in self.specs]
+        elif self.classes is not None and not all(0 <= c < k for c in self.classes):
+            bad = next(c for c in self.classes if not 0 <= c < k)
+            raise TargetError(f"class index {bad} is out of range: the model has {k} classes (0..{k - 1})")
         if self.top_k is None:
             if self.classes is None:
                 self.classes = [int(i) for i in output.detach().argmax(dim=1)]
@@ -457,7 +502,12 @@ def method_info(name: str) -> dict:
 def describe(ex: Explanation, score: str = "logit") -> dict:
     """The manifest sections describing an explanation: model, image, targets, layers, methods, flags."""
     return {
-        "model": {"name": ex.model_name, "weights": ex.weights, "preprocessing": ex.preprocessing.to_dict()},
+        "model": {
+            "name": ex.model_name,
+            "weights": ex.weights,
+            "output": ex.output,
+            "preprocessing": ex.preprocessing.to_dict(),
+        },
         "image": ex.image_info,
         "input": {"file": "input.npy", "shape": list(ex.input.shape), "dtype": "float32"},
         "targets": [

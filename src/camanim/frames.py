@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from camanim.errors import UnknownNameError
+from camanim.errors import OptionError, UnknownNameError
 from camanim.explanation import Explanation
 from camanim.fused_frames import LegendComposer, fused_stack
 from camanim.layers import Layer
@@ -60,12 +60,12 @@ def tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tup
         return in_hw
     if isinstance(size, int):
         if size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {size}")
+            raise OptionError(f"tile size must be at least 8 pixels, got {size}")
         scale = size / max(in_hw)
         return max(1, round(in_hw[0] * scale)), max(1, round(in_hw[1] * scale))
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {size}")
+        raise OptionError(f"tile size must be positive, got {size}")
     return h, w
 
 

@@ -246,6 +246,7 @@ def modified_in_place(
 def _dry_run(
     model: nn.Module, x: Tensor | Sequence[int], cache: bool
 ) -> tuple[tuple[Layer, ...], frozenset[str] | None]:
+    model = getattr(model, "_camanim_module", model)  # a camanim.models.OutputAdapter: its user's module
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if not isinstance(x, Tensor):
         x = torch.zeros(tuple(x), device=device)
@@ -343,8 +344,13 @@ def select_layers(
     """
     pool = default_layers(layers, keep_nonspatial=keep_nonspatial, keep_duplicates=keep_duplicates)
     if callable(spec) and not isinstance(spec, str):
-        return [layer for layer in layers if spec(layer)]
+        picked = [layer for layer in layers if spec(layer)]
+        if not picked:
+            raise LayerSelectionError("the layer predicate chose no layer")
+        return picked
     if spec is None:
+        if not pool:
+            raise LayerSelectionError("the model has no spatial layer to explain (see `camanim layers`)")
         return pool
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 1:
@@ -385,4 +391,9 @@ def select_layers(
                     f"layer {layer.name!r} is non-spatial (output shape {list(layer.shape)}): it has no map"
                 )
             chosen[layer.index] = layer
+    if not chosen:
+        raise LayerSelectionError(
+            f"the layer selection {spec!r} chose no layer: give all, last, first,middle,last, N (the last N), "
+            "indices, names or glob patterns (see `camanim layers`)"
+        )
     return [chosen[i] for i in sorted(chosen)]

@@ -31,7 +31,7 @@ from typing import IO, Literal
 
 import numpy as np
 
-from camanim.errors import BundleExistsError, CamanimError, MissingExtraError, UnknownNameError
+from camanim.errors import BundleExistsError, CamanimError, MissingExtraError, OptionError, UnknownNameError
 
 __all__ = [
     "FORMATS",
@@ -129,9 +129,9 @@ class VideoWriter:
             raise UnknownNameError("video format", str(fmt), FORMATS)
         self.fmt = fmt
         if not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}")
+            raise OptionError(f"fps must be positive, got {fps}")
         if size is not None and (int(size[0]) < 1 or int(size[1]) < 1):
-            raise ValueError(f"frame size must be positive, got {size}")
+            raise OptionError(f"frame size must be positive, got {size}")
         self.fps = fps
         self.size: tuple[int, int] | None = None
         self.n_frames = 0
@@ -186,7 +186,7 @@ class VideoWriter:
     def _start(self, size: tuple[int, int]) -> None:
         h, w = size
         if h < 1 or w < 1:
-            raise ValueError(f"frame size must be positive, got {size}")
+            raise OptionError(f"frame size must be positive, got {size}")
         self.size = size
         if self.fmt == "frames":
             return
@@ -279,7 +279,7 @@ class VideoWriter:
             raise
         self._closed = True
         self._release()
-        logger.info("wrote %s (%d frames, %s fps)", self.path, self.n_frames, self.fps)
+        logger.debug("wrote %s (%d frames, %s fps)", self.path, self.n_frames, self.fps)
         return self.path
 
     def _move_into_place(self) -> None:

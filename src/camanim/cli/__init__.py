@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, image=False)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument(
-        "--size", type=int_at_least(8), default=None, help="input size in pixels (default: the model's)"
+        "--size", type=int_between(8, 4096), default=None, help="input size in pixels (default: the model's)"
     )
     p.set_defaults(func=cmd_layers)
 
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--size",
-        type=int_at_least(8),
+        type=int_between(8, 4096),
         default=None,
         metavar="PX",
         help="tile size in pixels (default: the input size)",
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="a bundle folder written by camanim")
     p.add_argument("--out", default=None, metavar="FILE", help="where to write (default DIR/report.html)")
     p.add_argument(
-        "--tile", type=int_at_least(16), default=None, metavar="PX", help="frame tile size (default 224)"
+        "--tile", type=int_between(16, 1024), default=None, metavar="PX", help="frame tile size (default 224)"
     )
     p.add_argument(
         "--format", dest="fmt", default="webp", choices=["webp", "jpeg", "png"], help="frame encoding"
@@ -341,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
-
-    add_study_parser(sub)
+    study.add_parser(sub)
     return parser
 
 
@@ -370,8 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command != "study":
-            check(args)
+        check(args)
         return func(args)
     except BaseException as exc:
         if args.debug and not isinstance(exc, (KeyboardInterrupt, BrokenPipeError)):
@@ -381,7 +379,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix = "camanim: " if code == 130 else "camanim: error: "
             print(prefix + message, file=sys.stderr)
         return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -7,7 +7,7 @@ import datetime as _dt
 from pathlib import Path
 
 from camanim.animation import check_animation_options
-from camanim.bundle import check_output
+from camanim.bundle import check_output, read_manifest
 from camanim.comparison import read_road_source
 from camanim.devices import resolve_device
 from camanim.errors import OptionError
@@ -15,7 +15,9 @@ from camanim.fused_frames import fused_options
 from camanim.images import load_image
 from camanim.methods import parse_methods
 from camanim.methods.fused import check_base
+from camanim.report import check_report_path
 from camanim.road import get_imputer
+from camanim.study.store import check_study_folder, is_study_dir
 
 
 def check(args: argparse.Namespace) -> None:
@@ -27,6 +29,8 @@ def check(args: argparse.Namespace) -> None:
     """
 
     command = args.command
+    if command == "study":
+        check_study_folder(args.out)
     if getattr(args, "device", None) is not None:
         args.device = str(resolve_device(args.device))
     if getattr(args, "top_k", None) is not None and getattr(args, "target", None) is not None:
@@ -34,7 +38,6 @@ def check(args: argparse.Namespace) -> None:
             "--top-k explains the K most probable classes and --target one class you name: give one of them"
         )
     if command in ("animate", "run"):
-
         fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
         fused = fused_options(args.methods, target=args.target, **fmgcam)
         if fused is None:
@@ -47,25 +50,26 @@ def check(args: argparse.Namespace) -> None:
             formats=getattr(args, "formats", "mp4"),
             cmap=getattr(args, "cmap", "jet"),
         )
-    elif command in ("explain", "road", "compare"):
+    elif command in ("explain", "road", "compare", "study"):
         parse_methods(args.methods)
     if command == "fmgcam":
-
         check_base(args.base)
-    if command == "road":
-
+    if command in ("road", "study"):
         get_imputer(args.imputer)
     if command == "compare" and args.road is not None:
-
         args.road = read_road_source(args.road)
-    if getattr(args, "out", None) is not None or command in BUNDLE_COMMANDS:
-        args.out = checkadd_output_options(
+    if command == "report":
+        if not is_study_dir(args.dir):
+            read_manifest(args.dir)
+        if args.out is not None:
+            check_report_path(Path(args.out))
+    if command in BUNDLE_COMMANDS:
+        args.out = check_output(
             args.out or default_out(args),
             force=getattr(args, "force", False),
             resume=getattr(args, "resume", False),
         )
     if hasattr(args, "image"):
-
         args.image_name = str(args.image)
         args.image = load_image(args.image)
 
@@ -85,5 +89,3 @@ def default_out(args: argparse.Namespace) -> Path:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
-
-

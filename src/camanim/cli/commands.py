@@ -313,7 +313,6 @@ def _layers_or_best(args: argparse.Namespace, lm):
 def _with_road(anim, lm, args: argparse.Namespace):
     """``anim`` with every frame's ROAD (ybROAD of each method, from the animation's own maps)."""
 
-
     with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
         res = ybroad(lm, explanation=anim.explanation, methods=anim.methods, progress=progress)
     for m, r in res.results.items():
@@ -343,7 +342,6 @@ def _layer_spec(text: str):
 
 def cmd_layers(args: argparse.Namespace) -> int:
 
-
     lm = _load(args)
     h, w = (args.size, args.size) if args.size else lm.preprocessing.size
     layers = list_layers(lm.model, torch.zeros(1, 3, h, w, device=lm.device))
@@ -358,5 +356,3 @@ def cmd_layers(args: argparse.Namespace) -> int:
     n = sum(1 for layer in layers if layer.is_spatial and layer.same_as is None)
     print(f"{len(layers)} layers; {n} spatial layers are swept by default")
     return 0
-
-

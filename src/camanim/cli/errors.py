@@ -31,5 +31,3 @@ def error_line(exc: BaseException) -> tuple[str | None, int]:
         message = f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback"
         code = 1
     return " ".join(message.split()), code
-
-

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from camanim.methods import list_methods
-from camanim.road.metric import RoadError, _check_percentages
+from camanim.road.metric import RoadError, check_percentages
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,7 +50,7 @@ def percentages(text: str) -> tuple[float, ...]:
 
     try:
         values = tuple(float(v) for v in str(text).split(",") if v.strip())
-        return _checkpercentages(values)
+        return check_percentages(values)
     except (ValueError, RoadError):
         raise argparse.ArgumentTypeError(
             f"expected comma-separated percentages in (0, 100], e.g. 20,40,60,80; got {text!r}"
@@ -136,5 +136,3 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def method_help() -> str:
 
     return "comma-separated: " + ", ".join(list_methods()) + " or 'all'"
-
-

@@ -9,6 +9,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from camanim.cli.options import int_at_least, non_empty, percentages
+from camanim.study.runner import run_study
+
 DESCRIPTION = (
     "Run ybROAD over images x models x checkpoints x methods and store one row per layer in a Parquet "
     "dataset (STUDY_DIR/layers, STUDY_DIR/summary, summary.csv), with figures and study.html. Each unit "
@@ -41,7 +44,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "(a callable returning an nn.Module or a LoadedModel)",
     )
     g.add_argument("--weights", default="default", help="named models: default (pretrained) or none (random)")
-    g.add_argument("--num-classes", type=int, default=None, help="head size for random or checkpoint weights")
+    g.add_argument(
+        "--num-classes", type=int_at_least(1), default=None, help="head size for random or checkpoint weights"
+    )
     g.add_argument(
         "--checkpoints",
         default=None,
@@ -49,12 +54,25 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="state dicts of the single model, e.g. 'runs/epoch_*.pt' (quoted), run in natural order: epoch-wise ybROAD",
     )
     g.add_argument(
-        "--methods", "--method", dest="methods", default="gradcam", help="comma-separated CAM methods"
+        "--methods",
+        "--method",
+        dest="methods",
+        type=non_empty("method names"),
+        default="gradcam",
+        help="comma-separated CAM methods",
     )
     g = p.add_argument_group("ybROAD")
-    g.add_argument("--layers", default="all", help="all (default), N or last-N, indices, names or globs")
     g.add_argument(
-        "--percentages", default="20,40,60,80", help="percent of pixels removed (default 20,40,60,80)"
+        "--layers",
+        type=non_empty("layers"),
+        default="all",
+        help="all (default), N or last-N, indices, names or globs",
+    )
+    g.add_argument(
+        "--percentages",
+        type=percentages,
+        default="20,40,60,80",
+        help="percent of pixels removed (default 20,40,60,80)",
     )
     g.add_argument("--seed", type=int, default=0, help="base seed (each image's seed is derived from it)")
     g.add_argument("--imputer", default="noisy_linear", help="noisy_linear (default) or spsolve")
@@ -65,13 +83,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         choices=["logit", "probability", "sigmoid"],
         help="what the CAM differentiates",
     )
-    g.add_argument("--batch-size", type=int, default=64, help="perturbed images per forward")
+    g.add_argument("--batch-size", type=int_at_least(1), default=64, help="perturbed images per forward")
     g.add_argument("--keep-nonspatial", action="store_true", help="include 1x1 layers")
     g = p.add_argument_group("execution")
     g.add_argument("--backend", default="local", choices=["local", "ray"], help="local (default) or ray")
     g.add_argument(
         "--workers",
-        type=int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help="local: worker processes (default 1, in this process; one per core is fastest); "
@@ -85,11 +103,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="torch threads per worker (default 1; use --workers to use more cores)",
     )
-    g.add_argument("--retries", type=int, default=1, help="extra attempts of a failing unit (default 1)")
+    g.add_argument(
+        "--retries", type=int_at_least(0), default=1, help="extra attempts of a failing unit (default 1)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, metavar="STUDY_DIR", help="the study folder (re-use it to resume)")
     g.add_argument("--no-figures", dest="figures", action="store_false", help="no figures and no study.html")
@@ -131,16 +151,9 @@ def _progress_bar(enabled: bool) -> Iterator[Any]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run ``camanim study``; 0 when every unit is in the store, 1 when some failed."""
-    from camanim.study.runner import run_study
-    from camanim.study.units import StudyError
-
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # one ybROAD log line per unit is noise here
         logging.getLogger("camanim.road").setLevel(logging.WARNING)
 
-    try:
-        percentages = tuple(float(v) for v in str(args.percentages).split(",") if v.strip())
-    except ValueError:
-        raise StudyError(f"--percentages takes comma-separated numbers, got {args.percentages!r}") from None
     with _progress_bar(not args.quiet and sys.stderr.isatty()) as progress:
         res = run_study(
             args.images,
@@ -148,7 +161,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             models=args.models,
             methods=args.methods,
             layers=args.layers,
-            percentages=percentages,
+            percentages=args.percentages,
             checkpoints=args.checkpoints,
             weights=args.weights,
             num_classes=args.num_classes,

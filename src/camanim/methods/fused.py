@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,13 +413,20 @@ class FMGCAMResult:
         return self.with_legend(figure)  # grid's height is even, so the figure's stays even
 
     def save(
-        self, out: str | os.PathLike, *, force: bool = False, command: str = "", panels: bool = True
+        self,
+        out: str | os.PathLike,
+        *,
+        force: bool = False,
+        command: str = "",
+        panels: bool = True,
+        finalize: Callable[[Any], None] | None = None,
     ) -> Path:
         """Write a bundle: ``fmgcam.png``, ``maps.npz`` (``fmgcam/<layer>`` and ``<base>/<layer>``, ``(K, h, w)``)
-        and the classes in ``manifest.json``. Returns the bundle's path."""
+        and the classes in ``manifest.json``; ``finalize`` as in :func:`camanim.bundle.open_bundle`.
+        Returns the bundle's path."""
         from camanim.bundle import open_bundle
 
-        with open_bundle(out, force=force, command=command) as bundle:
+        with open_bundle(out, force=force, command=command, finalize=finalize) as bundle:
             write_fmgcam(self, bundle, panels=panels)
         return bundle.root
 

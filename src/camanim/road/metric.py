@@ -206,7 +206,7 @@ def removal_masks(
     return torch.from_numpy(morf.reshape(-1, h, w)), torch.from_numpy(lerf.reshape(-1, h, w))
 
 
-def _check_percentages(percentages: Sequence[float]) -> tuple[float, ...]:
+def check_percentages(percentages: Sequence[float]) -> tuple[float, ...]:
     try:
         ps = tuple(float(p) for p in percentages)
     except (TypeError, ValueError):
@@ -558,7 +558,7 @@ def road_scores(
     Returns:
         A :class:`RoadScores`; ``.road`` holds one ROAD per map.
     """
-    ps = _check_percentages(percentages)
+    ps = check_percentages(percentages)
     img = _as_image(x)
     net, cl = _forward_copy(model, optimize, img[None])
     return _road_scores(
@@ -632,7 +632,7 @@ class ROAD:
     ) -> None:
         self.model = model
         self.optimize = optimize
-        self.percentages = _check_percentages(percentages)
+        self.percentages = check_percentages(percentages)
         self.imputer = _default_imputer(imputer)
         self.preprocessing = preprocessing
         self.seed = int(seed)

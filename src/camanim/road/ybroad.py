@@ -43,12 +43,12 @@ from camanim.road.metric import (
     DEFINITION,
     ProgressCallback,
     RoadError,
-    _check_percentages,
     _default_imputer,
     _device,
     _forward_copy,
     _probabilities,
     _road_core,
+    check_percentages,
 )
 
 __all__ = [
@@ -406,7 +406,7 @@ def ybroad(
     from camanim.models import DEFAULT_MODEL
 
     t0 = time.perf_counter()
-    ps = _check_percentages(percentages)
+    ps = check_percentages(percentages)
     if imputation_space not in SPACES:
         raise RoadError(f"imputation_space must be one of {SPACES}, got {imputation_space!r}")
     imp = _default_imputer(imputer)

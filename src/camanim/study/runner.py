@@ -180,13 +180,13 @@ def run_study(
         MissingExtraError: pyarrow (or Ray for ``backend="ray"``) is not installed.
     """
     from camanim.methods import parse_methods
-    from camanim.road.metric import _check_percentages
+    from camanim.road.metric import check_percentages
 
     t0 = time.perf_counter()
     pyarrow_modules()
     settings = StudySettings(
         layers=parse_layers(layers),
-        percentages=_check_percentages(percentages),
+        percentages=check_percentages(percentages),
         seed=int(seed),
         imputer=imputer,
         imputation_space=imputation_space,
