@@ -432,3 +432,31 @@ def test_mostly_blank_maps_are_reported_on_the_console(tmp_path, monkeypatch, ca
         f"{n} of {n} maps are zero, constant or non-finite: random weights, or layers with no gradient path to the target? (per-map flags are in manifest.json)"
     ]
     assert np.load(tmp_path / "b" / "maps.npz")  # the bundle is still written
+
+
+class OnlyAt48(torch.nn.Module):
+    """A model that, like a ViT with a fixed position embedding, takes one input size only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        assert x.shape[-1] == 48, f"Input width ({x.shape[-1]}) doesn't match model (48)."
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_a_model_that_refuses_the_input_gets_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        camanim.cli.commands,
+        "load_model",
+        lambda *a, **k: wrap_model(OnlyAt48(), preprocessing=Preprocessing(size=(48, 48))),
+    )
+    assert main(["layers", "--size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "camanim: error: the model's forward pass failed on an input of shape (1, 3, 16, 16)"
+    )
+    assert "doesn't match model (48)" in err and len(err.strip().splitlines()) == 1
+    assert main(["layers", "--size", "48"]) == 0

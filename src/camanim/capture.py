@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from camanim.layers import Layer, LayerTracker, as_bchw, modified_in_place
+from camanim.layers import Layer, LayerTracker, as_bchw, model_errors, modified_in_place
 from camanim.targets import OutputSelector, Target
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def capture(
             for module in tracker.names:
                 handles.append(module.register_forward_hook(forward_hook))
             inp = x.detach().clone().requires_grad_(gradients)
-            output = model(inp)
+            with model_errors(x):
+                output = model(inp)
             if not isinstance(output, Tensor):  # a plain module returning a tuple, dict or dataclass
                 output = OutputSelector()(output)
             for h in handles:

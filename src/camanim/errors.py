@@ -111,3 +111,7 @@ class DeviceError(CamanimError, ValueError):
 
 class MissingExtraError(CamanimError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class ModelRunError(CamanimError, RuntimeError):
+    """The model's forward pass failed on the input it was given (often an input size it does not take)."""

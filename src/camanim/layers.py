@@ -24,17 +24,18 @@ asked, so the same map is not shown twice.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from camanim.errors import LayerNotFoundError, LayerSelectionError
+from camanim.errors import CamanimError, LayerNotFoundError, LayerSelectionError, ModelRunError
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,26 @@ class LayerTracker:
         return layer
 
 
+@contextlib.contextmanager
+def model_errors(x: Tensor) -> Iterator[None]:
+    """Turn a failure of the model's own forward pass on ``x`` into a :class:`ModelRunError` that says so.
+
+    Errors camanim raises itself and running out of memory pass through unchanged.
+    """
+    try:
+        yield
+    except CamanimError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError, KeyError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelRunError(
+            f"the model's forward pass failed on an input of shape {tuple(x.shape)} ({type(exc).__name__}: "
+            f"{first}); does it take this input size and number of channels?"
+        ) from exc
+
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
@@ -272,7 +293,7 @@ def _dry_run(
         for m in tracker.names:
             handles.append(m.register_forward_hook(hook))
         model.eval()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), model_errors(x):
             model(x.clone() if x.is_inference() else x)
     finally:
         for h in handles:
