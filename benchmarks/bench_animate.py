@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import camanim
-from camanim.models import wrap_model
+from camanim.compute.models import wrap_model
 
 log = logging.getLogger("bench_animate")
 

@@ -69,8 +69,8 @@ SECTION = "## Engine: every layer from one capture"
 
 def build(name: str, device: str):
     """``(LoadedModel, x (1, 3, 224, 224))`` on ``device``; torchvision models get random weights, seed 0."""
+    from camanim.compute.models import load_model, wrap_model
     from camanim.explanation import prepare_input
-    from camanim.models import load_model, wrap_model
 
     if name == "efficientnet_lite0":
         lm = load_model(device=device)
@@ -185,7 +185,7 @@ def _peak_rss_kib() -> int:
 
 def memory_child(name: str, op: str, device: str) -> None:
     """Runs in a fresh subprocess: load, reset the peak RSS, run ``op`` once, print JSON (KiB)."""
-    from camanim.methods import parse_methods
+    from camanim.compute.methods import parse_methods
 
     lm, x = build(name, device)
     parse_methods("all")  # import every method family before measuring

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from camanim.road.imputers import NoisyLinearImputer, SpsolveImputer
+from camanim.compute.metrics.imputers import NoisyLinearImputer, SpsolveImputer
 
 log = logging.getLogger("bench_imputer")
 

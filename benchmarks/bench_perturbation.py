@@ -77,10 +77,10 @@ def bench_perturbation(device: torch.device, batch_size: int, methods: list[str]
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from camanim.compute.layers import list_layers, select_layers
+    from camanim.compute.methods import get_method
+    from camanim.compute.models import wrap_model
     from camanim.explanation import prepare_input
-    from camanim.layers import list_layers, select_layers
-    from camanim.methods import get_method
-    from camanim.models import wrap_model
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(device)
@@ -180,8 +180,8 @@ def bench_perturbation(device: torch.device, batch_size: int, methods: list[str]
 
 def bench_fmgcam(device: torch.device, k: int, repeats: int) -> list[dict]:
     import camanim
+    from camanim.compute.models import load_model
     from camanim.explanation import prepare_input
-    from camanim.models import load_model
 
     lm = load_model(device=str(device))
     rows = []

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camanim.models import load_model
+from camanim.compute.metrics.road import _forward_copy, _probabilities
+from camanim.compute.models import load_model
 from camanim.road import NoisyLinearImputer, SpsolveImputer, removal_masks, ybroad
-from camanim.road.metric import _forward_copy, _probabilities
 
 log = logging.getLogger("bench_road")
 RESULTS = Path(__file__).with_name("RESULTS.md")

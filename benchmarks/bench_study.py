@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from camanim.images import load_image
-from camanim.layers import default_layers, list_layers
-from camanim.models import load_model
+from camanim.compute.images import load_image
+from camanim.compute.layers import default_layers, list_layers
+from camanim.compute.models import load_model
 from camanim.road import ybroad
 from camanim.study import run_study
 from camanim.study.units import ModelSpec, Unit, list_images, parse_layers, unit_seed

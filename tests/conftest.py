@@ -117,7 +117,7 @@ def tiny_model() -> nn.Module:
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model (EfficientNet-Lite0 with ImageNet weights, offline)."""
-    from camanim.models import load_model
+    from camanim.compute.models import load_model
 
     return load_model()
 

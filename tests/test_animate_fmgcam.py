@@ -15,11 +15,11 @@ from torch import nn
 from camanim import animation as animation_mod
 from camanim.animation import Animation, animate
 from camanim.bundle import staging_path
+from camanim.compute.models import Preprocessing, wrap_model
+from camanim.compute.normalize import Range
 from camanim.errors import CamanimError
 from camanim.explanation import explain
-from camanim.methods.fused import FusionError, class_colors, fmgcam_sweep, fuse, fused_overlay
-from camanim.models import Preprocessing, wrap_model
-from camanim.normalize import Range
+from camanim.methods_fused import FusionError, class_colors, fmgcam_sweep, fuse, fused_overlay
 from camanim.render import resize_maps
 from camanim.video import count_frames
 

@@ -15,11 +15,11 @@ import camanim
 from camanim import animation as animation_mod
 from camanim.animation import PERCENTILES, Animation, animate
 from camanim.bundle import staging_path
+from camanim.compute.layers import Layer
+from camanim.compute.models import Preprocessing
+from camanim.compute.normalize import Range, map_range, normalize
 from camanim.errors import BundleExistsError, CamanimError
 from camanim.explanation import Explanation, explain
-from camanim.layers import Layer
-from camanim.models import Preprocessing
-from camanim.normalize import Range, map_range, normalize
 from camanim.render import colormap_lut
 from camanim.video import count_frames, read_frames
 

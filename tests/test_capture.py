@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from camanim.capture import capture
-from camanim.targets import ClassLogit
+from camanim.compute.capture import capture
+from camanim.compute.targets import ClassLogit
 
 from .conftest import no_hooks
 
@@ -146,7 +146,7 @@ class InPlaceWhenFlagged(nn.Module):
 
 
 def test_modified_in_place_found_by_the_dry_run(resnet18):
-    from camanim.layers import modified_in_place
+    from camanim.compute.layers import modified_in_place
 
     mod = modified_in_place(resnet18, (1, 3, 64, 64))
     # ReLU(inplace=True) after every BN; ``out += identity`` on a block's last BN.
@@ -176,7 +176,7 @@ def test_path_not_taken_by_the_dry_run_is_caught():
     torch.manual_seed(0)
     model = InPlaceWhenFlagged().eval()
     x = torch.randn(1, 1, 3, 3)
-    from camanim.layers import modified_in_place
+    from camanim.compute.layers import modified_in_place
 
     assert modified_in_place(model, x) == frozenset()
     model.flag = True

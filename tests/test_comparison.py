@@ -11,8 +11,8 @@ import torch
 
 import camanim
 from camanim.comparison import compare, conv_layers, load_road, select_conv_layers
-from camanim.layers import list_layers
-from camanim.normalize import normalize
+from camanim.compute.layers import list_layers
+from camanim.compute.normalize import normalize
 from camanim.render import overlay
 
 from .conftest import no_hooks

@@ -12,15 +12,8 @@ import pytest
 import torch
 
 import camanim
-from camanim.methods.fused import (
-    MAX_DISTINCT_COLORS,
-    class_colors,
-    fmgcam,
-    fmgcam_sweep,
-    fuse,
-    fused_overlay,
-)
-from camanim.normalize import normalize
+from camanim.compute.normalize import normalize
+from camanim.methods_fused import MAX_DISTINCT_COLORS, class_colors, fmgcam, fmgcam_sweep, fuse, fused_overlay
 
 from .conftest import no_hooks
 
@@ -259,7 +252,7 @@ def test_class_colors_distinct_and_larger_k(caplog):
     small = class_colors(MAX_DISTINCT_COLORS)
     assert small.shape == (MAX_DISTINCT_COLORS, 3) and len({tuple(c) for c in small}) == MAX_DISTINCT_COLORS
     assert not any(c[0] == c[1] == c[2] for c in small)  # no grey
-    with caplog.at_level(logging.WARNING, logger="camanim.methods.fused"):
+    with caplog.at_level(logging.WARNING, logger="camanim.methods_fused"):
         big = class_colors(40)
     assert big.shape == (40, 3) and len({tuple(c) for c in big}) == 40
     assert "evenly spaced hues" in caplog.text

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from camanim.compute.images import LoadedImage, list_samples, load_image
 from camanim.errors import CamanimError, ImageError
-from camanim.images import LoadedImage, list_samples, load_image
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -416,7 +416,7 @@ def test_header_claiming_huge_size_refused(tmp_path):
 
 
 def test_large_png_downscaled_with_note(big_png, caplog):
-    with caplog.at_level("INFO", logger="camanim.images"):
+    with caplog.at_level("INFO", logger="camanim.compute.images"):
         out = load_image(big_png, max_pixels=20_000_000, downscale_to=1000)
     assert out.image.size == (1000, 1000) and out.original_size == (3000, 3000)
     assert "downscaled from 3000x3000 to 1000x1000 (downscale_to=1000)" in out.notes

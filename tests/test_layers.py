@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from camanim.compute.layers import as_bchw, classify_output, list_layers, select_layers
 from camanim.errors import LayerNotFoundError, LayerSelectionError
-from camanim.layers import as_bchw, classify_output, list_layers, select_layers
 
 
 class Reordered(nn.Module):

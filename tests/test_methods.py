@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import camanim
-from camanim.methods import get_method, list_methods, parse_methods
-from camanim.methods.eigen import first_component_projection
+from camanim.compute.methods import get_method, list_methods, parse_methods
+from camanim.compute.methods.eigen import first_component_projection
 
 from .conftest import no_hooks
 

@@ -18,11 +18,11 @@ from PIL import Image
 from torch import nn
 
 import camanim
-import camanim.models as models
+import camanim.compute.models as models
+from camanim.compute.images import load_image
+from camanim.compute.layers import list_layers
+from camanim.compute.models import load_model, load_state_dict_into, wrap_model
 from camanim.errors import CamanimError, ImageError, ModelOutputError, TargetError, WeightsError
-from camanim.images import load_image
-from camanim.layers import list_layers
-from camanim.models import load_model, load_state_dict_into, wrap_model
 
 from .conftest import TinyCNN
 
@@ -270,8 +270,8 @@ def test_every_forward_gets_the_selected_tensor_and_the_module_is_left_as_found(
 
 
 def test_capture_of_a_plain_module_returning_a_tuple():
-    from camanim.capture import capture
-    from camanim.targets import ClassLogit
+    from camanim.compute.capture import capture
+    from camanim.compute.targets import ClassLogit
 
     torch.manual_seed(0)
     res = capture(TupleNet(), X32, ClassLogit((1,)), lambda layer: layer.name == "conv")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from camanim.normalize import Range, global_range, is_flat, local_ranges, normalize, normalize_maps
+from camanim.compute.normalize import Range, global_range, is_flat, local_ranges, normalize, normalize_maps
 
 
 def test_constant_map_normalises_to_zeros_and_is_flagged() -> None:

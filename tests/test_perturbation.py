@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import camanim
-from camanim.layers import default_layers, list_layers
-from camanim.methods import get_method, list_methods, parse_methods
-from camanim.methods.perturbation import AblationCAM, ScoreCAM, select_channels
+from camanim.compute.layers import default_layers, list_layers
+from camanim.compute.methods import get_method, list_methods, parse_methods
+from camanim.compute.methods.perturbation import AblationCAM, ScoreCAM, select_channels
 
 from .conftest import TinyCNN, no_hooks
 
@@ -169,7 +169,7 @@ def test_scorecam_equals_brute_force(tiny, channels_last):
 
 def test_scorecam_compiled_equals_brute_force(tiny, monkeypatch):
     """With ``compile=True`` the forwards go through one Inductor graph (batches padded to one size)."""
-    from camanim.methods import perturbation
+    from camanim.compute.methods import perturbation
 
     made = []
     real = perturbation.CompiledForward
@@ -281,7 +281,7 @@ def test_ablation_falls_back_to_whole_network_batches(caplog):
     model = _DenseLike().eval()
     x = torch.randn(1, 3, 16, 16)
     method = AblationCAM()
-    with caplog.at_level(logging.INFO, logger="camanim.methods.perturbation"):
+    with caplog.at_level(logging.INFO, logger="camanim.compute.methods.perturbation"):
         ours = method.compute(model, x, "block.1", target=2, batch_size=3)
     assert method.paths == {"block.1": "whole-network batches"}
     assert "whole-network batches" in caplog.text
@@ -327,7 +327,7 @@ def test_model_left_as_found(tiny, channels_last):
 def test_explain_runs_per_channel_methods_after_the_capture(tiny, caplog):
     model, x = tiny
     x = torch.cat([x, x.flip(-1)])
-    with caplog.at_level(logging.INFO, logger="camanim.methods.perturbation"):
+    with caplog.at_level(logging.INFO, logger="camanim.compute.methods.perturbation"):
         ex = camanim.explain(
             model, x, methods="scorecam,gradcam,ablationcam", layers="last", target=[1, 2], batch_size=6
         )

@@ -23,11 +23,11 @@ import torch
 import camanim.animation
 import camanim.cli
 import camanim.comparison
+import camanim.compute.models
 import camanim.explanation
-import camanim.methods.fused
-import camanim.models
+import camanim.methods_fused
 import camanim.road.ybroad
-from camanim.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model
+from camanim.compute.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model
 from tests.conftest import TinyCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def bash_commands() -> list[list[str]]:
     return out
 
 
-def tiny_model(name: str = camanim.models.DEFAULT_MODEL, weights="default", *, num_classes=None, **_):
+def tiny_model(name: str = camanim.compute.models.DEFAULT_MODEL, weights="default", *, num_classes=None, **_):
     """The stand-in for :func:`camanim.models.load_model`: a seeded TinyCNN named ``name``."""
     n = num_classes or 1000
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def tiny_model(name: str = camanim.models.DEFAULT_MODEL, weights="default", *, n
 @pytest.fixture
 def fast(monkeypatch, tmp_path):
     """Tiny stand-in models wherever ``load_model`` is bound, and a scratch working folder."""
-    real = camanim.models.load_model
+    real = camanim.compute.models.load_model
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("camanim") and getattr(mod, "load_model", None) is real:
             monkeypatch.setattr(mod, "load_model", tiny_model)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from camanim.compute.normalize import Range
 from camanim.errors import UnknownNameError
-from camanim.normalize import Range
 from camanim.render import (
     FrameComposer,
     FrameStyle,

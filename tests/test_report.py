@@ -23,9 +23,9 @@ from torch import nn
 from camanim.animation import Animation
 from camanim.bundle import open_bundle
 from camanim.cli import main
+from camanim.compute.models import wrap_model
+from camanim.compute.normalize import Range
 from camanim.explanation import explain, save_explanation
-from camanim.models import wrap_model
-from camanim.normalize import Range
 from camanim.report import render_report, write_report
 from camanim.report import tiles as T
 from camanim.road.ybroad import write_ybroad, ybroad
@@ -59,7 +59,7 @@ def tiny() -> tuple[nn.Module, torch.Tensor]:
 def bundle(tiny, tmp_path_factory) -> tuple[Path, Animation, object]:
     """An animation bundle of a tiny CNN with ybROAD, a comparison grid and an FM-G-CAM figure added."""
     from camanim.comparison import compare
-    from camanim.methods.fused import fmgcam
+    from camanim.methods_fused import fmgcam
     from camanim.render import save_png
 
     model, x = tiny

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from camanim.animation import Animation, animate
-from camanim.methods.fused import FMGCAMResult, fmgcam, fmgcam_sweep, fused_overlay
+from camanim.methods_fused import FMGCAMResult, fmgcam, fmgcam_sweep, fused_overlay
 from camanim.report import render_report, write_report
 from tests.conftest import TinyCNN, synthetic_batch
 from tests.test_report import _artifacts, _json_block, browser  # noqa: F401 (browser: a fixture)

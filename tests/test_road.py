@@ -12,8 +12,8 @@ import torch
 from scipy import ndimage
 
 from camanim.bundle import read_manifest, staging_path
+from camanim.compute.models import Preprocessing
 from camanim.explanation import explain
-from camanim.models import Preprocessing
 from camanim.road import (
     ROAD,
     NoisyLinearImputer,

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from camanim.models import Preprocessing, wrap_model
+from camanim.compute.models import Preprocessing, wrap_model
 from camanim.study import load_study, run_study
 from camanim.study.units import (
     ModelSpec,

@@ -21,8 +21,8 @@ import camanim.animation
 import camanim.cli.commands
 from camanim.bundle import MANIFEST, STAGING_MARK, check_output, open_bundle, read_manifest, staging_path
 from camanim.cli import main
+from camanim.compute.models import Preprocessing, wrap_model
 from camanim.errors import BundleExistsError, OutputError
-from camanim.models import Preprocessing, wrap_model
 from camanim.report import write_report
 
 from .conftest import TinyCNN

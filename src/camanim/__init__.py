@@ -8,23 +8,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from camanim import _compat
+
 __version__ = "0.1.0"
+
+_compat.install()  # old module paths (camanim.explanation, camanim.road...) keep working, with a warning
 
 _LAZY = {
     "animate": "camanim.animation",
     "Animation": "camanim.animation",
     "explain": "camanim.explanation",
     "Explanation": "camanim.explanation",
-    "load_model": "camanim.models",
-    "load_image": "camanim.images",
-    "list_layers": "camanim.layers",
-    "list_methods": "camanim.methods",
-    "get_method": "camanim.methods",
+    "load_model": "camanim.compute.models",
+    "load_image": "camanim.compute.images",
+    "list_layers": "camanim.compute.layers",
+    "list_methods": "camanim.compute.methods",
+    "get_method": "camanim.compute.methods",
     "ybroad": "camanim.road",
     "road_scores": "camanim.road",
     "YbRoadResult": "camanim.road",
-    "fmgcam": "camanim.methods.fused",
-    "FMGCAMResult": "camanim.methods.fused",
+    "fmgcam": "camanim.methods_fused",
+    "FMGCAMResult": "camanim.methods_fused",
     "compare": "camanim.comparison",
     "Comparison": "camanim.comparison",
     "write_report": "camanim.report",
@@ -56,12 +60,12 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from camanim.animation import Animation, animate
     from camanim.comparison import Comparison, compare
+    from camanim.compute.images import load_image
+    from camanim.compute.layers import list_layers
+    from camanim.compute.methods import get_method, list_methods
+    from camanim.compute.models import load_model
     from camanim.explanation import Explanation, explain
-    from camanim.images import load_image
-    from camanim.layers import list_layers
-    from camanim.methods import get_method, list_methods
-    from camanim.methods.fused import FMGCAMResult, fmgcam
-    from camanim.models import load_model
+    from camanim.methods_fused import FMGCAMResult, fmgcam
     from camanim.report import write_report
     from camanim.road import YbRoadResult, road_scores, ybroad
     from camanim.study import run_study

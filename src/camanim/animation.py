@@ -50,15 +50,15 @@ from torch import nn
 
 from camanim import figures, frames
 from camanim.bundle import Bundle, open_bundle
+from camanim.compute.layers import Layer, LayerSpec
+from camanim.compute.models import DEFAULT_MODEL, LoadedModel
+from camanim.compute.normalize import Range
 from camanim.errors import CamanimError, OptionError, UnknownNameError
 from camanim.explanation import Explanation, _as_loaded, explain, prepare_input
 from camanim.figures import PERCENTILES, Strip
 from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions, shrink
 from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
-from camanim.layers import Layer, LayerSpec
-from camanim.methods.fused import FMGCAMResult
-from camanim.models import DEFAULT_MODEL, LoadedModel
-from camanim.normalize import Range
+from camanim.methods_fused import FMGCAMResult
 from camanim.render import FrameComposer, FrameStyle, colormap_lut
 from camanim.resume import STATE_FILE as STATE_FILE
 from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation

@@ -31,9 +31,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
+from camanim.compute.normalize import Range, global_range, map_range, normalize
 from camanim.errors import CamanimError
-from camanim.layers import Layer, LayerSpec, list_layers, select_layers
-from camanim.normalize import Range, global_range, map_range, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ def compare(
     Returns:
         A :class:`Comparison`.
     """
+    from camanim.compute.methods import parse_methods
     from camanim.explanation import _as_loaded, explain, prepare_input
-    from camanim.methods import parse_methods
     from camanim.render import colormap_lut, overlay
 
     if norm not in NORMS:
@@ -387,8 +387,8 @@ def check_road_source(src: RoadSource, lm: Any, image: Any, target: Any = None) 
     Raises:
         RoadSourceError: any of them differs (the message says which and how).
     """
+    from camanim.compute.targets import resolve_class
     from camanim.explanation import prepare_input
-    from camanim.targets import resolve_class
 
     problems = []
     if src.model is not None and src.model != lm.name:

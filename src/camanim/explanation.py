@@ -28,13 +28,20 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camanim.bundle import Bundle, open_bundle
-from camanim.capture import capture
+from camanim.compute.capture import capture
+from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
+from camanim.compute.methods import get_method, method_class, parse_methods
+from camanim.compute.methods.base import LayerTensors, compute_maps
+from camanim.compute.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    OutputSpec,
+    class_names_for,
+    load_model,
+    wrap_model,
+)
+from camanim.compute.targets import TARGET_KINDS, resolve_class
 from camanim.errors import LayerSelectionError, OptionError, TargetError
-from camanim.layers import Layer, LayerSpec, list_layers, select_layers
-from camanim.methods import get_method, method_class, parse_methods
-from camanim.methods.base import LayerTensors, compute_maps
-from camanim.models import DEFAULT_MODEL, LoadedModel, OutputSpec, class_names_for, load_model, wrap_model
-from camanim.targets import TARGET_KINDS, resolve_class
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +187,7 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
             )
         display = (pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         return x, display, {"source": "tensor", "shape": list(x.shape)}
-    from camanim.images import LoadedImage, load_image
+    from camanim.compute.images import LoadedImage, load_image
 
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     tensors, displays, infos = [], [], []
@@ -365,7 +372,7 @@ def explain(
         output = output.expand(passes, *output.shape[1:])
         kept = {name: v.expand(passes, *v.shape[1:]) for name, v in kept.items()}
     if per_channel:
-        from camanim.methods.perturbation import run_per_channel
+        from camanim.compute.methods.perturbation import run_per_channel
 
         t = time.perf_counter()
         target_obj = TARGET_KINDS[score](tuple(lazy_target.classes))
@@ -539,7 +546,7 @@ def write_explanation(ex: Explanation, bundle: Bundle, *, overlays: bool = True,
     Overlays show each map after the method's ReLU, upsampled and scaled by its own min and max (local
     normalisation), over the picture the model saw.
     """
-    from camanim.normalize import normalize
+    from camanim.compute.normalize import normalize
     from camanim.render import colormap_lut, overlay_batch, save_png
 
     bundle.save_npy("input.npy", ex.input.numpy(), "input tensor (B, 3, H, W) float32")

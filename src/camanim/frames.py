@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from camanim.compute.layers import Layer
+from camanim.compute.methods import method_class
+from camanim.compute.normalize import Range
 from camanim.errors import OptionError, UnknownNameError
 from camanim.explanation import Explanation
 from camanim.fused_frames import LegendComposer, fused_stack
-from camanim.layers import Layer
-from camanim.methods import method_class
-from camanim.methods.fused import FMGCAMResult, blend_classes
-from camanim.normalize import Range
+from camanim.methods_fused import FMGCAMResult, blend_classes
 from camanim.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch, upsample_by_size
 
 if TYPE_CHECKING:

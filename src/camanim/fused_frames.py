@@ -42,7 +42,7 @@ import numpy as np
 from torch import Tensor
 
 from camanim.errors import UnknownNameError
-from camanim.methods.fused import ACTIVATIONS, FMGCAMResult, FusionError, check_base
+from camanim.methods_fused import ACTIVATIONS, FMGCAMResult, FusionError, check_base
 from camanim.render import FrameComposer, FrameStyle, upsample_by_size
 
 __all__ = [

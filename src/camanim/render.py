@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from camanim.compute.normalize import Range
 from camanim.errors import UnknownNameError
-from camanim.normalize import Range
 
 __all__ = [
     "FrameComposer",

@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 
 from camanim.bundle import Bundle, staging_path
+from camanim.compute.layers import Layer
+from camanim.compute.models import Preprocessing
 from camanim.explanation import Explanation, describe, write_explanation
-from camanim.layers import Layer
-from camanim.models import Preprocessing
 from camanim.render import save_png
 
 if TYPE_CHECKING:

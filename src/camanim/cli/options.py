@@ -10,8 +10,8 @@ import argparse
 from collections.abc import Callable
 from typing import NoReturn
 
-from camanim.methods import list_methods
-from camanim.road.metric import RoadError, check_percentages
+from camanim.compute.methods import list_methods
+from camanim.compute.metrics.road import RoadError, check_percentages
 
 
 class Parser(argparse.ArgumentParser):

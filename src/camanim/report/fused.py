@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from camanim.compute.normalize import Range
 from camanim.fused_frames import FMGCAM, NORMALISATION, upsample_fused
-from camanim.normalize import Range
 from camanim.report.source import Source, dig
 
 __all__ = ["FMGCAM", "Fusion", "fmgcam_tiles", "fused_maps", "fusion_of", "legend", "local_ranges"]
@@ -106,7 +106,7 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
         return None
     colors = [_color(c.get("color")) for c in classes]
     if any(c is None for c in colors):
-        from camanim.methods.fused import class_colors
+        from camanim.methods_fused import class_colors
 
         table = class_colors(len(classes))
     else:
@@ -145,7 +145,7 @@ def legend(fusion: Fusion) -> list[dict[str, Any]]:
 def fused_maps(src: Source, fusion: Fusion, frames: Sequence[str]) -> list[torch.Tensor] | None:
     """Every frame's fused map ``(K, h, w)``, fused again from the bundle's base maps; None when a layer's
     base maps are missing or do not hold the K classes."""
-    from camanim.methods.fused import fuse
+    from camanim.methods_fused import fuse
 
     out = []
     for name in frames:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from camanim.normalize import Range
+from camanim.compute.normalize import Range
 from camanim.render import overlay_batch, resize_maps
 
 #: Tiles per row of a sprite sheet.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from camanim.normalize import Range
+from camanim.compute.normalize import Range
 from camanim.report import fused as F
 from camanim.report import tiles as T
 from camanim.report.source import Source, dig, sample_of
@@ -34,7 +34,7 @@ def finite(v: Any) -> float | None:
 
 def relu(method: str) -> bool:
     """Whether ``method``'s displayed map is its raw map after ReLU (from the method registry)."""
-    from camanim.methods import method_class
+    from camanim.compute.methods import method_class
 
     try:
         return bool(method_class(method).relu)

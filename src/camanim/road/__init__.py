@@ -4,7 +4,7 @@ The noisy linear imputation at its heart is in :mod:`.imputers`; the metric (a p
 class) in :mod:`.metric`; the per-layer series of the CAManim paper (ybROAD) in :mod:`.ybroad`.
 """
 
-from camanim.road.imputers import (
+from camanim.compute.metrics.imputers import (
     IMPUTERS,
     CachedImputer,
     ImputationError,
@@ -13,7 +13,7 @@ from camanim.road.imputers import (
     SpsolveImputer,
     get_imputer,
 )
-from camanim.road.metric import (
+from camanim.compute.metrics.road import (
     DEFAULT_PERCENTAGES,
     ROAD,
     RoadError,

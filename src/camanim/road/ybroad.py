@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from camanim.bundle import Bundle, atomic_write_bytes, open_bundle
-from camanim.capture import frozen_eval
-from camanim.layers import Layer, LayerSpec
-from camanim.road.metric import (
+from camanim.compute.capture import frozen_eval
+from camanim.compute.layers import Layer, LayerSpec
+from camanim.compute.metrics.road import (
     DEFAULT_PERCENTAGES,
     DEFINITION,
     ProgressCallback,
@@ -402,8 +402,8 @@ def ybroad(
     Raises:
         RoadError: a batch of several images, an unknown imputation space, or bad percentages.
     """
+    from camanim.compute.models import DEFAULT_MODEL
     from camanim.explanation import _as_loaded, explain
-    from camanim.models import DEFAULT_MODEL
 
     t0 = time.perf_counter()
     ps = check_percentages(percentages)

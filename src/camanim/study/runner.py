@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camanim.road.metric import DEFAULT_PERCENTAGES
+from camanim.compute.metrics.road import DEFAULT_PERCENTAGES
 from camanim.study.store import StudyStore, pyarrow_modules
 from camanim.study.units import (
     ImageItem,
@@ -179,8 +179,8 @@ def run_study(
         StudyError: bad inputs, or ``out`` holds a study with other settings.
         MissingExtraError: pyarrow (or Ray for ``backend="ray"``) is not installed.
     """
-    from camanim.methods import parse_methods
-    from camanim.road.metric import check_percentages
+    from camanim.compute.methods import parse_methods
+    from camanim.compute.metrics.road import check_percentages
 
     t0 = time.perf_counter()
     pyarrow_modules()

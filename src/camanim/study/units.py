@@ -400,8 +400,8 @@ def compute_unit(
     Returns:
         ``(layer rows, summary row)``.
     """
+    from camanim.compute.targets import resolve_class
     from camanim.road import get_imputer, ybroad
-    from camanim.targets import resolve_class
 
     target = None if unit.image.label is None else resolve_class(unit.image.label, lm.class_names)
     seed = unit_seed(settings.seed, unit)
@@ -495,7 +495,7 @@ def build_model(spec: ModelSpec, checkpoint: str = "", device: Any = "cpu", seed
     """
     import torch
 
-    from camanim.models import LoadedModel, load_model, load_state_dict_into, wrap_model
+    from camanim.compute.models import LoadedModel, load_model, load_state_dict_into, wrap_model
 
     if not spec.is_factory:
         return load_model(

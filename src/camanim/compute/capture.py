@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from camanim.layers import Layer, LayerTracker, as_bchw, model_errors, modified_in_place
-from camanim.targets import OutputSelector, Target
+from camanim.compute.layers import Layer, LayerTracker, as_bchw, model_errors, modified_in_place
+from camanim.compute.targets import OutputSelector, Target
 
 logger = logging.getLogger(__name__)
 

@@ -56,11 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camanim.capture import capture, frozen_eval
+from camanim.compute.capture import capture, frozen_eval
+from camanim.compute.layers import Layer, list_layers
+from camanim.compute.methods.base import CAMMethod, register_method
+from camanim.compute.targets import TARGET_KINDS, ClassLogit, Target
 from camanim.errors import LayerNotFoundError
-from camanim.layers import Layer, list_layers
-from camanim.methods.base import CAMMethod, register_method
-from camanim.targets import TARGET_KINDS, ClassLogit, Target
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from camanim.capture import frozen_eval
+from camanim.compute.capture import frozen_eval
 from camanim.errors import CamanimError
 
 __all__ = [
@@ -505,11 +505,11 @@ def _road_core(
 
 def _default_imputer(imputer: Any) -> Any:
     if imputer is None:
-        from camanim.road.imputers import NoisyLinearImputer
+        from camanim.compute.metrics.imputers import NoisyLinearImputer
 
         return NoisyLinearImputer()
     if isinstance(imputer, str):
-        from camanim.road.imputers import get_imputer
+        from camanim.compute.metrics.imputers import get_imputer
 
         return get_imputer(imputer)
     return imputer

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camanim.methods.base import CAMMethod, LayerTensors, register_method
+from camanim.compute.methods.base import CAMMethod, LayerTensors, register_method
 
 
 def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:

@@ -81,7 +81,7 @@ def check_base(base: str) -> str:
         MethodNotFoundError: an unknown method.
         FusionError: a method that is not class-discriminative or needs extra forwards.
     """
-    from camanim.methods import method_class
+    from camanim.compute.methods import method_class
 
     cls = method_class(base)
     if cls.cost != "one_pass" or not cls.class_discriminative:
@@ -135,7 +135,7 @@ def fmgcam_sweep(
     Returns:
         ``{layer name: fused (K, h, w)}`` in forward order.
     """
-    from camanim.methods import method_class
+    from camanim.compute.methods import method_class
 
     ex = explanation
     if base is None:
@@ -397,7 +397,7 @@ class FMGCAMResult:
     def render(self, layer: str | None = None, *, panels: bool = True, alpha: float = 0.7) -> np.ndarray:
         """The figure: the fused overlay with a legend, and (``panels``) each class's base-method overlay
         beside it (the paper's Figs 6-7 layout). Returns ``(H', W', 3)`` uint8."""
-        from camanim.normalize import normalize
+        from camanim.compute.normalize import normalize
         from camanim.render import grid, overlay
 
         layer = layer or self.layers[-1]

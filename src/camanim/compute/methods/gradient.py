@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from camanim.methods.base import CAMMethod, LayerTensors, register_method
+from camanim.compute.methods.base import CAMMethod, LayerTensors, register_method
 
 
 @register_method("gradcam")

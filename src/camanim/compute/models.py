@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camanim.compute.targets import OutputSelector, OutputSpec
 from camanim.errors import ModelNotFoundError, ModelOutputError, WeightsError
-from camanim.targets import OutputSelector, OutputSpec
 
 logger = logging.getLogger(__name__)
 

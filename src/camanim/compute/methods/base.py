@@ -11,7 +11,6 @@ Both receive a :class:`LayerTensors`, which holds ``A``, ``G`` and intermediates
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from functools import cached_property
 from typing import ClassVar
@@ -136,21 +135,22 @@ def register_method(name: str, *aliases: str):
     return wrap
 
 
-_FAMILIES = ("gradient", "eigen", "perturbation")
+#: Listing order of the method families (modules of :mod:`camanim.compute.methods`); others come last.
+FAMILY_ORDER = ("gradient", "eigen", "perturbation")
 
 
-def _load_families() -> None:
-    # Importing the family modules runs their @register_method decorators; the order sets the listing order.
-    for family in _FAMILIES:
-        importlib.import_module(f"camanim.methods.{family}")
+def _family_rank(cls: type[CAMMethod]) -> int:
+    family = cls.__module__.rsplit(".", 1)[-1]
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
 
 
 def list_methods(*, one_pass: bool | None = None, needs_gradients: bool | None = None) -> list[str]:
-    """Registered method names, in registration order, optionally filtered by capability."""
-    _load_families()
+    """Registered method names, family by family (:data:`FAMILY_ORDER`) and in registration order within a
+    family, optionally filtered by capability."""
+    ordered = sorted(_REGISTRY.items(), key=lambda item: _family_rank(item[1]))  # stable within a family
     return [
         n
-        for n, cls in _REGISTRY.items()
+        for n, cls in ordered
         if (one_pass is None or (cls.cost == "one_pass") == one_pass)
         and (needs_gradients is None or cls.needs_gradients == needs_gradients)
     ]
@@ -158,7 +158,6 @@ def list_methods(*, one_pass: bool | None = None, needs_gradients: bool | None =
 
 def method_class(name: str) -> type[CAMMethod]:
     """The registered class for ``name`` (case-insensitive; aliases such as ``gradcam++`` accepted)."""
-    _load_families()
     key = name.strip().lower().replace("-", "").replace("_", "")
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:

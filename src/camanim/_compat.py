@@ -1,0 +1,94 @@
+"""Old module paths, kept working with a ``DeprecationWarning``.
+
+camanim's modules moved into four floors (``compute``, ``pipelines``, ``outputs``, ``cli``; see
+docs/architecture.md). ``import camanim.explanation`` and ``from camanim.road import ybroad`` still work:
+a finder on ``sys.meta_path`` answers each old name with a module whose attributes are looked up, in
+order, in the new modules that took over its contents, and warns once per old module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+#: old module -> the new modules its names now live in, searched in this order.
+MOVED: dict[str, tuple[str, ...]] = {
+    "camanim.devices": ("camanim.compute.devices",),
+    "camanim.models": ("camanim.compute.models",),
+    "camanim.images": ("camanim.compute.images",),
+    "camanim.layers": ("camanim.compute.layers",),
+    "camanim.capture": ("camanim.compute.capture",),
+    "camanim.targets": ("camanim.compute.targets",),
+    "camanim.normalize": ("camanim.compute.normalize",),
+    "camanim.methods": ("camanim.compute.methods",),
+    "camanim.methods.base": ("camanim.compute.methods.base",),
+    "camanim.methods.gradient": ("camanim.compute.methods.gradient",),
+    "camanim.methods.eigen": ("camanim.compute.methods.eigen",),
+    "camanim.methods.perturbation": ("camanim.compute.methods.perturbation",),
+    "camanim.road.metric": ("camanim.compute.metrics.road",),
+    "camanim.road.imputers": ("camanim.compute.metrics.imputers",),
+    "camanim.methods.fused": ("camanim.methods_fused",),
+}
+
+
+class _MovedModule(types.ModuleType):
+    """An old module path: attribute reads go to the new modules, and so do writes (monkeypatching)."""
+
+    def __init__(self, name: str, targets: Sequence[str]) -> None:
+        super().__init__(name, f"Deprecated alias of {', '.join(targets)}.")
+        object.__setattr__(self, "_targets", tuple(targets))
+
+    def _modules(self) -> list[types.ModuleType]:
+        return [importlib.import_module(t) for t in object.__getattribute__(self, "_targets")]
+
+    def __getattr__(self, attr: str) -> Any:
+        for module in self._modules():
+            if hasattr(module, attr):
+                return getattr(module, attr)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr.startswith("__"):
+            object.__setattr__(self, attr, value)
+            return
+        for module in self._modules():
+            if hasattr(module, attr):
+                setattr(module, attr, value)
+                return
+        object.__setattr__(self, attr, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({n for m in self._modules() for n in dir(m)})
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        targets = MOVED[spec.name]
+        warnings.warn(
+            f"{spec.name} has moved to {' and '.join(targets)}; import from there (or from camanim)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        module = _MovedModule(spec.name, targets)
+        module.__path__ = []  # a package, so that old sub-module paths resolve through this finder too
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once)."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

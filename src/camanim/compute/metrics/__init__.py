@@ -1,0 +1,1 @@
+"""Faithfulness metrics of maps: ROAD (:mod:`.road`) and its imputers (:mod:`.imputers`)."""
