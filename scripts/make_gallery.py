@@ -23,9 +23,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from camanim.bundle import open_bundle, read_manifest
 from camanim.cli import main as camanim
-from camanim.report import write_report
+from camanim.outputs.bundle import open_bundle, read_manifest
+from camanim.outputs.report import write_report
 
 logger = logging.getLogger("make_gallery")
 

@@ -14,14 +14,14 @@ from torch import nn
 
 from camanim import animation as animation_mod
 from camanim.animation import Animation, animate
-from camanim.bundle import staging_path
 from camanim.compute.models import Preprocessing, wrap_model
 from camanim.compute.normalize import Range
+from camanim.compute.resize import resize_maps
 from camanim.errors import CamanimError
 from camanim.explanation import explain
 from camanim.methods_fused import FusionError, class_colors, fmgcam_sweep, fuse, fused_overlay
-from camanim.render import resize_maps
-from camanim.video import count_frames
+from camanim.outputs.bundle import staging_path
+from camanim.outputs.video import count_frames
 
 from .conftest import CountingCNN, TinyCNN
 

@@ -14,14 +14,14 @@ from torch import nn
 import camanim
 from camanim import animation as animation_mod
 from camanim.animation import PERCENTILES, Animation, animate
-from camanim.bundle import staging_path
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
 from camanim.compute.normalize import Range, map_range, normalize
 from camanim.errors import BundleExistsError, CamanimError
 from camanim.explanation import Explanation, explain
-from camanim.render import colormap_lut
-from camanim.video import count_frames, read_frames
+from camanim.outputs.bundle import staging_path
+from camanim.outputs.render import colormap_lut
+from camanim.outputs.video import count_frames, read_frames
 
 from .conftest import CountingCNN, TinyCNN
 

@@ -13,7 +13,7 @@ import camanim
 from camanim.comparison import compare, conv_layers, load_road, select_conv_layers
 from camanim.compute.layers import list_layers
 from camanim.compute.normalize import normalize
-from camanim.render import overlay
+from camanim.outputs.render import overlay
 
 from .conftest import no_hooks
 
@@ -154,8 +154,8 @@ def test_figure_and_save(tiny, tmp_path):
 
 
 def test_cli_compare(tmp_path, capsys):
-    from camanim.bundle import read_manifest
     from camanim.cli import main
+    from camanim.outputs.bundle import read_manifest
 
     out = tmp_path / "cmp"
     args = ["compare", "--model", "resnet18", "--weights", "none", "--methods", "gradcam,eigencam"]

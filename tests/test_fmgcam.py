@@ -273,7 +273,7 @@ def test_fused_overlay_colours_each_class():
 
 
 def test_render_and_bundle(tiny, tmp_path):
-    from camanim.bundle import load_maps, read_manifest
+    from camanim.outputs.bundle import load_maps, read_manifest
 
     model, x = tiny
     res = fmgcam(model, x, k=3, layers="first,last")
@@ -293,8 +293,8 @@ def test_render_and_bundle(tiny, tmp_path):
 
 
 def test_cli_fmgcam(tmp_path, capsys):
-    from camanim.bundle import load_maps, read_manifest
     from camanim.cli import main
+    from camanim.outputs.bundle import load_maps, read_manifest
 
     out = tmp_path / "fm"
     args = ["fmgcam", "--model", "resnet18", "--weights", "none", "--top-k", "2", "--activation", "gelu"]

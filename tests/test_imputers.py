@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from camanim.compute.metrics import imputers as imp
 from camanim.compute.metrics.imputers import (
     IMPUTERS,
     CachedImputer,
@@ -19,7 +20,6 @@ from camanim.compute.metrics.imputers import (
     get_imputer,
 )
 from camanim.errors import UnknownNameError
-from camanim.compute.metrics import imputers as imp
 
 ATOL = 1e-4  # required agreement with the reference, pixel units
 SOLVER_ATOL = 2e-5  # agreement of two runs of the iterative solver that batch masks differently

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from camanim.bundle import open_bundle, read_manifest, staging_path
 from camanim.cli import main
 from camanim.compute.models import Preprocessing, load_model
 from camanim.errors import BundleExistsError, ModelNotFoundError, WeightsError
+from camanim.outputs.bundle import open_bundle, read_manifest, staging_path
 
 
 def test_unknown_model_lists_close_matches():

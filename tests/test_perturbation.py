@@ -357,8 +357,8 @@ def test_explain_all_layers_with_max_channels(tiny):
 
 
 def test_cli_explain_scorecam(tmp_path, capsys):
-    from camanim.bundle import load_maps, read_manifest
     from camanim.cli import main
+    from camanim.outputs.bundle import load_maps, read_manifest
 
     out = tmp_path / "b"
     args = ["explain", "--model", "resnet18", "--weights", "none", "--method", "scorecam", "--layers", "last"]

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from camanim.compute.normalize import Range
+from camanim.compute.resize import resize_map, resize_maps
 from camanim.errors import UnknownNameError
-from camanim.render import (
+from camanim.outputs.render import (
     FrameComposer,
     FrameStyle,
     apply_colormap,
@@ -22,8 +23,6 @@ from camanim.render import (
     grid,
     overlay,
     overlay_batch,
-    resize_map,
-    resize_maps,
     save_png,
 )
 

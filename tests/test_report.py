@@ -21,13 +21,13 @@ from PIL import Image
 from torch import nn
 
 from camanim.animation import Animation
-from camanim.bundle import open_bundle
 from camanim.cli import main
 from camanim.compute.models import wrap_model
 from camanim.compute.normalize import Range
 from camanim.explanation import explain, save_explanation
-from camanim.report import render_report, write_report
-from camanim.report import tiles as T
+from camanim.outputs.bundle import open_bundle
+from camanim.outputs.report import render_report, write_report
+from camanim.outputs.report import tiles as T
 from camanim.road.ybroad import write_ybroad, ybroad
 from tests.conftest import TinyCNN, synthetic_batch
 
@@ -60,7 +60,7 @@ def bundle(tiny, tmp_path_factory) -> tuple[Path, Animation, object]:
     """An animation bundle of a tiny CNN with ybROAD, a comparison grid and an FM-G-CAM figure added."""
     from camanim.comparison import compare
     from camanim.methods_fused import fmgcam
-    from camanim.render import save_png
+    from camanim.outputs.render import save_png
 
     model, x = tiny
     ex = explain(model, x, methods="gradcam,hirescam", layers="all")
@@ -200,7 +200,7 @@ def test_frame_bytes_budget() -> None:
     21 kB of base64 per 224x224 tile; overlays of smooth maps on a photograph encode far below that."""
     from skimage import data as samples
 
-    from camanim.render import colormap_lut
+    from camanim.outputs.render import colormap_lut
 
     img = np.asarray(Image.fromarray(samples.chelsea()).resize((224, 224)))
     rng = np.random.default_rng(0)
@@ -218,7 +218,7 @@ def test_frame_bytes_budget() -> None:
 def test_notebook_displays(bundle) -> None:
     """Results display themselves: an explanation as an overlay grid, an animation as the report's viewer
     (in a sandboxed iframe), ybROAD as its plot."""
-    from camanim.report import animation_html, ybroad_html
+    from camanim.outputs.report import animation_html, ybroad_html
 
     _, anim, res = bundle
     ex = anim.explanation
@@ -365,7 +365,7 @@ def test_escaped_names_in_browser(browser, tmp_path) -> None:
 
 def test_notebook_viewer_in_browser(browser, bundle) -> None:
     """The animation's notebook display (a sandboxed iframe) runs the same viewer."""
-    from camanim.report import animation_html
+    from camanim.outputs.report import animation_html
 
     _, anim, _ = bundle
     page = browser.new_page()

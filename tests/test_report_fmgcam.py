@@ -18,7 +18,7 @@ from PIL import Image
 
 from camanim.animation import Animation, animate
 from camanim.methods_fused import FMGCAMResult, fmgcam, fmgcam_sweep, fused_overlay
-from camanim.report import render_report, write_report
+from camanim.outputs.report import render_report, write_report
 from tests.conftest import TinyCNN, synthetic_batch
 from tests.test_report import _artifacts, _json_block, browser  # noqa: F401 (browser: a fixture)
 
@@ -211,7 +211,7 @@ def test_ordinary_report_has_no_legend(tiny, tmp_path) -> None:
 
 def test_in_memory_fmgcam_animation(fm_bundle) -> None:
     """The notebook display of an FM-G-CAM animation (nothing written) runs the same viewer."""
-    from camanim.report import animation_html
+    from camanim.outputs.report import animation_html
 
     _, anim = fm_bundle
     frame = animation_html(anim)
@@ -305,8 +305,8 @@ def test_result_tiles_equal_the_animation_tiles(result_bundle, norm) -> None:
 def test_result_tiles_are_fused_overlays_of_an_independent_sweep(result_bundle, tiny) -> None:
     """At the input size, local tiles are fused_overlay of an FM-G-CAM sweep computed without the bundle,
     global tiles the same with one scale for every layer (the largest upsampled value of the sweep)."""
+    from camanim.compute.resize import resize_maps
     from camanim.explanation import explain
-    from camanim.render import resize_maps
 
     out, res, _ = result_bundle
     model, x = tiny
@@ -370,9 +370,9 @@ def test_figure_only_fmgcam_section_keeps_the_ordinary_viewer(tiny, tmp_path) ->
 
 def test_cli_fmgcam_then_report(tmp_path, capsys) -> None:
     """``camanim fmgcam`` writes its report; ``camanim report`` on its bundle draws the same fused viewer."""
-    from camanim.bundle import load_maps, read_manifest
     from camanim.cli import main
-    from camanim.report.source import from_bundle
+    from camanim.outputs.bundle import load_maps, read_manifest
+    from camanim.outputs.report.source import from_bundle
 
     out = tmp_path / "fm"
     args = ["fmgcam", "--model", "resnet18", "--weights", "none", "--top-k", "2", "--no-panels"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from camanim.bundle import read_manifest, staging_path
 from camanim.compute.models import Preprocessing
 from camanim.explanation import explain
+from camanim.outputs.bundle import read_manifest, staging_path
 from camanim.road import (
     ROAD,
     NoisyLinearImputer,

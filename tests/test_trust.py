@@ -19,11 +19,18 @@ import torch
 
 import camanim.animation
 import camanim.cli.commands
-from camanim.bundle import MANIFEST, STAGING_MARK, check_output, open_bundle, read_manifest, staging_path
 from camanim.cli import main
 from camanim.compute.models import Preprocessing, wrap_model
 from camanim.errors import BundleExistsError, OutputError
-from camanim.report import write_report
+from camanim.outputs.bundle import (
+    MANIFEST,
+    STAGING_MARK,
+    check_output,
+    open_bundle,
+    read_manifest,
+    staging_path,
+)
+from camanim.outputs.report import write_report
 
 from .conftest import TinyCNN
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from camanim.errors import BundleExistsError, MissingExtraError, UnknownNameError
-from camanim.video import VideoError, count_frames, default_fps, open_writer, read_frames
+from camanim.outputs.video import VideoError, count_frames, default_fps, open_writer, read_frames
 
 
 def _flat(h: int, w: int, colour: tuple[int, int, int]) -> np.ndarray:

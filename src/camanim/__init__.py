@@ -31,7 +31,7 @@ _LAZY = {
     "FMGCAMResult": "camanim.methods_fused",
     "compare": "camanim.comparison",
     "Comparison": "camanim.comparison",
-    "write_report": "camanim.report",
+    "write_report": "camanim.outputs.report",
     "run_study": "camanim.study",
 }
 
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.models import load_model
     from camanim.explanation import Explanation, explain
     from camanim.methods_fused import FMGCAMResult, fmgcam
-    from camanim.report import write_report
+    from camanim.outputs.report import write_report
     from camanim.road import YbRoadResult, road_scores, ybroad
     from camanim.study import run_study
 

@@ -19,21 +19,34 @@ from typing import Any
 
 #: old module -> the new modules its names now live in, searched in this order.
 MOVED: dict[str, tuple[str, ...]] = {
+    "camanim.bundle": ("camanim.outputs.bundle",),
+    "camanim.capture": ("camanim.compute.capture",),
     "camanim.devices": ("camanim.compute.devices",),
-    "camanim.models": ("camanim.compute.models",),
     "camanim.images": ("camanim.compute.images",),
     "camanim.layers": ("camanim.compute.layers",),
-    "camanim.capture": ("camanim.compute.capture",),
-    "camanim.targets": ("camanim.compute.targets",),
-    "camanim.normalize": ("camanim.compute.normalize",),
     "camanim.methods": ("camanim.compute.methods",),
     "camanim.methods.base": ("camanim.compute.methods.base",),
-    "camanim.methods.gradient": ("camanim.compute.methods.gradient",),
     "camanim.methods.eigen": ("camanim.compute.methods.eigen",),
-    "camanim.methods.perturbation": ("camanim.compute.methods.perturbation",),
-    "camanim.road.metric": ("camanim.compute.metrics.road",),
-    "camanim.road.imputers": ("camanim.compute.metrics.imputers",),
     "camanim.methods.fused": ("camanim.methods_fused",),
+    "camanim.methods.gradient": ("camanim.compute.methods.gradient",),
+    "camanim.methods.perturbation": ("camanim.compute.methods.perturbation",),
+    "camanim.models": ("camanim.compute.models",),
+    "camanim.normalize": ("camanim.compute.normalize",),
+    "camanim.render": (
+        "camanim.outputs.render",
+        "camanim.compute.resize",
+    ),
+    "camanim.report": ("camanim.outputs.report",),
+    "camanim.report.fused": ("camanim.outputs.report.fused",),
+    "camanim.report.notebook": ("camanim.outputs.report.notebook",),
+    "camanim.report.sections": ("camanim.outputs.report.sections",),
+    "camanim.report.source": ("camanim.outputs.report.source",),
+    "camanim.report.tiles": ("camanim.outputs.report.tiles",),
+    "camanim.report.viewer": ("camanim.outputs.report.viewer",),
+    "camanim.road.imputers": ("camanim.compute.metrics.imputers",),
+    "camanim.road.metric": ("camanim.compute.metrics.road",),
+    "camanim.targets": ("camanim.compute.targets",),
+    "camanim.video": ("camanim.outputs.video",),
 }
 
 

@@ -49,20 +49,21 @@ import torch
 from torch import nn
 
 from camanim import figures, frames
-from camanim.bundle import Bundle, open_bundle
 from camanim.compute.layers import Layer, LayerSpec
 from camanim.compute.models import DEFAULT_MODEL, LoadedModel
 from camanim.compute.normalize import Range
+from camanim.compute.resize import shrink
 from camanim.errors import CamanimError, OptionError, UnknownNameError
 from camanim.explanation import Explanation, _as_loaded, explain, prepare_input
 from camanim.figures import PERCENTILES, Strip
-from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions, shrink
+from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions
 from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
 from camanim.methods_fused import FMGCAMResult
-from camanim.render import FrameComposer, FrameStyle, colormap_lut
+from camanim.outputs.bundle import Bundle, open_bundle
+from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut
+from camanim.outputs.video import FORMATS, default_fps, open_writer
 from camanim.resume import STATE_FILE as STATE_FILE
 from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation
-from camanim.video import FORMATS, default_fps, open_writer
 
 __all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip", "animate"]
 
@@ -661,7 +662,7 @@ class Animation:
     def _repr_html_(self) -> str:
         """The interactive report viewer (layer slider, method selector, local/global) for Jupyter."""
         if "html" not in self._cache:
-            from camanim.report import animation_html
+            from camanim.outputs.report import animation_html
 
             self._cache["html"] = animation_html(self)
         return self._cache["html"]

@@ -162,7 +162,7 @@ class Comparison:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the grid image as a PNG (atomically)."""
-        from camanim.render import save_png
+        from camanim.outputs.render import save_png
 
         return save_png(path, self.image)
 
@@ -260,7 +260,7 @@ def compare(
     """
     from camanim.compute.methods import parse_methods
     from camanim.explanation import _as_loaded, explain, prepare_input
-    from camanim.render import colormap_lut, overlay
+    from camanim.outputs.render import colormap_lut, overlay
 
     if norm not in NORMS:
         from camanim.errors import UnknownNameError

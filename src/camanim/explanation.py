@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from camanim.bundle import Bundle, open_bundle
 from camanim.compute.capture import capture
 from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.compute.methods import get_method, method_class, parse_methods
@@ -42,6 +41,7 @@ from camanim.compute.models import (
 )
 from camanim.compute.targets import TARGET_KINDS, resolve_class
 from camanim.errors import LayerSelectionError, OptionError, TargetError
+from camanim.outputs.bundle import Bundle, open_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """Jupyter display: an overlay grid, methods x layers (local normalisation); see :mod:`camanim.report`."""
-        from camanim.report import explanation_html
+        from camanim.outputs.report import explanation_html
 
         return explanation_html(self)
 
@@ -547,7 +547,7 @@ def write_explanation(ex: Explanation, bundle: Bundle, *, overlays: bool = True,
     normalisation), over the picture the model saw.
     """
     from camanim.compute.normalize import normalize
-    from camanim.render import colormap_lut, overlay_batch, save_png
+    from camanim.outputs.render import colormap_lut, overlay_batch, save_png
 
     bundle.save_npy("input.npy", ex.input.numpy(), "input tensor (B, 3, H, W) float32")
     bundle.save_npz(

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from camanim.bundle import Bundle
-from camanim.frames import colour, map_size_text, raw_stack, shrink, tile_size
-from camanim.render import grid, save_png
+from camanim.compute.resize import shrink
+from camanim.frames import colour, map_size_text, raw_stack, tile_size
+from camanim.outputs.bundle import Bundle
+from camanim.outputs.render import grid, save_png
 
 if TYPE_CHECKING:
     from camanim.animation import Animation

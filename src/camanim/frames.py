@@ -20,18 +20,17 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from camanim.compute.layers import Layer
 from camanim.compute.methods import method_class
 from camanim.compute.normalize import Range
+from camanim.compute.resize import shrink, upsample_by_size
 from camanim.errors import OptionError, UnknownNameError
 from camanim.explanation import Explanation
 from camanim.fused_frames import LegendComposer, fused_stack
 from camanim.methods_fused import FMGCAMResult, blend_classes
-from camanim.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch, upsample_by_size
+from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch
 
 if TYPE_CHECKING:
     from camanim.animation import Animation
@@ -67,17 +66,6 @@ def tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tup
     if h < 1 or w < 1:
         raise OptionError(f"tile size must be positive, got {size}")
     return h, w
-
-
-def shrink(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize ``(N, H, W)`` (or ``(N, K, H, W)``) to ``size``; antialiased when shrinking. Every output value is a
-    convex combination of input values, so it stays inside the range the input was normalised by."""
-    if stack.shape[-2:] == tuple(size):
-        return stack
-    t = torch.from_numpy(stack.reshape(-1, 1, *stack.shape[-2:]))
-    shrinking = size[0] < stack.shape[-2] or size[1] < stack.shape[-1]
-    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
-    return out.numpy().reshape(*stack.shape[:-2], *size)
 
 
 def normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:

@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from camanim.compute.resize import upsample_by_size
 from camanim.errors import UnknownNameError
 from camanim.methods_fused import ACTIVATIONS, FMGCAMResult, FusionError, check_base
-from camanim.render import FrameComposer, FrameStyle, upsample_by_size
+from camanim.outputs.render import FrameComposer, FrameStyle
 
 __all__ = [
     "DEFAULT_K",

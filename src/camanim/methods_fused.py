@@ -212,7 +212,7 @@ def fused_overlay(
     Returns:
         ``(H, W, 3)`` uint8.
     """
-    from camanim.render import resize_maps
+    from camanim.compute.resize import resize_maps
 
     f = torch.as_tensor(fused).float().cpu()
     if f.dim() != 3:
@@ -398,7 +398,7 @@ class FMGCAMResult:
         """The figure: the fused overlay with a legend, and (``panels``) each class's base-method overlay
         beside it (the paper's Figs 6-7 layout). Returns ``(H', W', 3)`` uint8."""
         from camanim.compute.normalize import normalize
-        from camanim.render import grid, overlay
+        from camanim.outputs.render import grid, overlay
 
         layer = layer or self.layers[-1]
         display = self.explanation.display[0]
@@ -424,7 +424,7 @@ class FMGCAMResult:
         """Write a bundle: ``fmgcam.png``, ``maps.npz`` (``fmgcam/<layer>`` and ``<base>/<layer>``, ``(K, h, w)``)
         and the classes in ``manifest.json``; ``finalize`` as in :func:`camanim.bundle.open_bundle`.
         Returns the bundle's path."""
-        from camanim.bundle import open_bundle
+        from camanim.outputs.bundle import open_bundle
 
         with open_bundle(out, force=force, command=command, finalize=finalize) as bundle:
             write_fmgcam(self, bundle, panels=panels)
@@ -437,7 +437,7 @@ def write_fmgcam(result: FMGCAMResult, bundle: Any, *, panels: bool = True) -> N
     ``fmgcam.png`` shows the last layer; with several layers each also gets ``fmgcam/<index>_<layer>.png``.
     """
     from camanim.explanation import describe, overlay_path
-    from camanim.render import save_png
+    from camanim.outputs.render import save_png
 
     ex = result.explanation
     bundle.save_npy("input.npy", ex.input[:1].numpy(), "input tensor (1, 3, H, W) float32")

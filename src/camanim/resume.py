@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from camanim.bundle import Bundle, staging_path
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
 from camanim.explanation import Explanation, describe, write_explanation
-from camanim.render import save_png
+from camanim.outputs.bundle import Bundle, staging_path
+from camanim.outputs.render import save_png
 
 if TYPE_CHECKING:
     from camanim.animation import Animation

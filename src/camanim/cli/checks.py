@@ -7,7 +7,6 @@ import datetime as _dt
 from pathlib import Path
 
 from camanim.animation import check_animation_options
-from camanim.bundle import check_output, read_manifest
 from camanim.comparison import read_road_source
 from camanim.compute.devices import resolve_device
 from camanim.compute.images import load_image
@@ -15,7 +14,8 @@ from camanim.compute.methods import parse_methods
 from camanim.errors import OptionError
 from camanim.fused_frames import fused_options
 from camanim.methods_fused import check_base
-from camanim.report import check_report_path
+from camanim.outputs.bundle import check_output, read_manifest
+from camanim.outputs.report import check_report_path
 from camanim.road import get_imputer
 from camanim.study.store import check_study_folder, is_study_dir
 

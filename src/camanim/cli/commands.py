@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from camanim.animation import animate
-from camanim.bundle import REPORT, open_bundle
 from camanim.cli.checks import is_best
 from camanim.comparison import check_road_source, compare
 from camanim.compute.layers import list_layers
@@ -23,7 +22,8 @@ from camanim.compute.models import load_model
 from camanim.errors import CamanimError
 from camanim.explanation import explain, save_explanation, write_explanation
 from camanim.methods_fused import fmgcam
-from camanim.report import write_report
+from camanim.outputs.bundle import REPORT, open_bundle
+from camanim.outputs.report import write_report
 from camanim.road import get_imputer, save_ybroad, write_ybroad, ybroad
 from camanim.study import is_study_dir, write_study_report
 

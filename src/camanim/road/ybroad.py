@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from camanim.bundle import Bundle, atomic_write_bytes, open_bundle
 from camanim.compute.capture import frozen_eval
 from camanim.compute.layers import Layer, LayerSpec
 from camanim.compute.metrics.road import (
@@ -50,6 +49,7 @@ from camanim.compute.metrics.road import (
     _road_core,
     check_percentages,
 )
+from camanim.outputs.bundle import Bundle, atomic_write_bytes, open_bundle
 
 __all__ = [
     "CHECKPOINT",
@@ -224,7 +224,7 @@ class YbRoadResult:
 
     def _repr_html_(self) -> str:
         """The ybROAD plot and summary table, for Jupyter."""
-        from camanim.report import ybroad_html
+        from camanim.outputs.report import ybroad_html
 
         return ybroad_html(self)
 

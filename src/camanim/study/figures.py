@@ -301,7 +301,7 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
     """
     import jinja2
 
-    from camanim.bundle import atomic_write_bytes
+    from camanim.outputs.bundle import atomic_write_bytes
     from camanim.study.store import StudyStore
     from camanim.study.units import StudyError
 

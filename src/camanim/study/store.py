@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camanim.bundle import _jsonable, atomic_write_bytes, refuse_protected, versions
 from camanim.errors import CamanimError, MissingExtraError
+from camanim.outputs.bundle import _jsonable, atomic_write_bytes, refuse_protected, versions
 from camanim.study.units import StudyError, StudySettings, Unit, UnitOutcome, score_columns
 
 log = logging.getLogger(__name__)

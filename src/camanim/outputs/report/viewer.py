@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from camanim.compute.normalize import Range
-from camanim.report import fused as F
-from camanim.report import tiles as T
-from camanim.report.source import Source, dig, sample_of
+from camanim.outputs.report import fused as F
+from camanim.outputs.report import tiles as T
+from camanim.outputs.report.source import Source, dig, sample_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def relu(method: str) -> bool:
 
 
 def _lut(name: str) -> tuple[np.ndarray, str]:
-    from camanim.render import colormap_lut
+    from camanim.outputs.render import colormap_lut
 
     try:
         return colormap_lut(name), name

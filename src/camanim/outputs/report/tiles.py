@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from camanim.compute.normalize import Range
-from camanim.render import overlay_batch, resize_maps
+from camanim.compute.resize import resize_maps
+from camanim.outputs.render import overlay_batch
 
 #: Tiles per row of a sprite sheet.
 COLUMNS = 8

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from camanim.bundle import read_manifest, versions
+from camanim.outputs.bundle import read_manifest, versions
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 
 def _memory_manifest(sections: Mapping[str, Any]) -> dict:
     """A manifest as a bundle would record it (NaN as null), for results not written to disk."""
-    from camanim.bundle import _jsonable
+    from camanim.outputs.bundle import _jsonable
 
     manifest = {
         "schema_version": None,

@@ -28,7 +28,7 @@ import torch
 
 from camanim.compute.normalize import Range
 from camanim.fused_frames import FMGCAM, NORMALISATION, upsample_fused
-from camanim.report.source import Source, dig
+from camanim.outputs.report.source import Source, dig
 
 __all__ = ["FMGCAM", "Fusion", "fmgcam_tiles", "fused_maps", "fusion_of", "legend", "local_ranges"]
 
@@ -126,7 +126,7 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
 def legend(fusion: Fusion) -> list[dict[str, Any]]:
     """One row per class for the page (the template escapes the texts): rank, class, name, score label and
     value (None when not a finite number), colour as ``#rrggbb``."""
-    from camanim.report.viewer import finite
+    from camanim.outputs.report.viewer import finite
 
     label = "sigmoid" if fusion.score == "sigmoid" else "p"
     return [
@@ -194,7 +194,8 @@ def fmgcam_tiles(
     Yields:
         Per chunk of frames, ``{norm: (n, h, w, 3) uint8}``.
     """
-    from camanim.frames import fused_tiles, shrink
+    from camanim.compute.resize import shrink
+    from camanim.frames import fused_tiles
 
     for start in range(0, len(fused), per_sheet):
         stop = min(len(fused), start + per_sheet)

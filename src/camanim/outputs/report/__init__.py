@@ -33,13 +33,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from camanim.bundle import MANIFEST, REPORT, atomic_write_bytes, read_manifest
 from camanim.errors import OutputError
-from camanim.report import tiles as T
-from camanim.report.notebook import animation_html, explanation_html, iframe, ybroad_html
-from camanim.report.sections import figures, provenance
-from camanim.report.source import Source, dig, from_bundle, sample_of
-from camanim.report.viewer import finite, viewer
+from camanim.outputs.bundle import MANIFEST, REPORT, atomic_write_bytes, read_manifest
+from camanim.outputs.report import tiles as T
+from camanim.outputs.report.notebook import animation_html, explanation_html, iframe, ybroad_html
+from camanim.outputs.report.sections import figures, provenance
+from camanim.outputs.report.source import Source, dig, from_bundle, sample_of
+from camanim.outputs.report.viewer import finite, viewer
 
 __all__ = [
     "REPORT",
@@ -59,7 +59,7 @@ DEFAULT_QUALITY = 70
 
 
 def _asset(name: str) -> str:
-    return importlib.resources.files("camanim.report").joinpath(name).read_text(encoding="utf-8")
+    return importlib.resources.files("camanim.outputs.report").joinpath(name).read_text(encoding="utf-8")
 
 
 def _script_json(obj: Any) -> str:

@@ -41,10 +41,7 @@ __all__ = [
     "grid",
     "overlay",
     "overlay_batch",
-    "resize_map",
-    "resize_maps",
     "save_png",
-    "upsample_by_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,79 +175,6 @@ def overlay_batch(
     if maps.ndim != 3:
         raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
     return _blend(_check_image(image, maps.shape[1:])[None], apply_colormap(maps, lut), alpha)
-
-
-# -------------------------------------------------------------------------------------------------- resize
-
-
-def resize_maps(maps: Any, size: tuple[int, int]) -> Any:
-    """Bilinear resize of a stack of maps (``torch.nn.functional.interpolate``, ``align_corners=False``).
-
-    Args:
-        maps: ``(N, h, w)`` NumPy array or torch tensor.
-        size: Target ``(H, W)`` in pixels.
-
-    Returns:
-        ``(N, H, W)`` float32, a NumPy array for NumPy input and a tensor (same device) for tensor input.
-    """
-    import torch  # lazy: keeps `import camanim.render` light
-
-    is_tensor = isinstance(maps, torch.Tensor)
-    t = maps.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-    if t.ndim != 3:
-        raise ValueError(f"maps must be (N, h, w), got {tuple(t.shape)}")
-    size = (int(size[0]), int(size[1]))
-    t = t.to(torch.float32)
-    if tuple(t.shape[1:]) != size:
-        t = torch.nn.functional.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    elif not is_tensor:
-        t = t.clone()  # never hand back a view of the caller's array
-    return t if is_tensor else t.numpy()
-
-
-def upsample_by_size(maps: Sequence[Any], size: tuple[int, int], *, relu: bool = False) -> np.ndarray:
-    """Bilinear resize of maps of mixed native sizes (one per layer), one :func:`resize_maps` call per size.
-
-    Each output plane equals ``resize_maps`` of that plane alone (the interpolation is per plane).
-
-    Args:
-        maps: ``n`` torch tensors, each ``(h, w)`` or each ``(K, h, w)`` (the same ``K``); ``h, w`` may differ.
-        size: target ``(H, W)``.
-        relu: clamp at 0 before resizing.
-
-    Returns:
-        ``(n, H, W)`` or ``(n, K, H, W)`` float32.
-    """
-    import torch
-
-    lead = tuple(maps[0].shape[:-2]) if len(maps) else ()
-    out = np.empty((len(maps), *lead, int(size[0]), int(size[1])), np.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, m in enumerate(maps):
-        if tuple(m.shape[:-2]) != lead:
-            raise ValueError(f"maps must share their leading shape {lead}, got {tuple(m.shape)}")
-        groups.setdefault(tuple(m.shape), []).append(k)
-    for shape, ks in groups.items():
-        raw = torch.stack([maps[k] for k in ks]).reshape(-1, *shape[-2:])
-        if relu:
-            raw = raw.clamp_min(0)
-        out[ks] = resize_maps(raw.float(), size).numpy().reshape(len(ks), *out.shape[1:])
-    return out
-
-
-def resize_map(m: Any, size: tuple[int, int]) -> Any:
-    """Bilinear resize of one map; see :func:`resize_maps`.
-
-    Args:
-        m: ``(h, w)`` NumPy array or torch tensor.
-        size: Target ``(H, W)`` in pixels.
-
-    Returns:
-        ``(H, W)`` float32, of the same kind as ``m``.
-    """
-    if len(m.shape) != 2:
-        raise ValueError(f"map must be (h, w), got {tuple(m.shape)}; use resize_maps for (N, h, w)")
-    return resize_maps(m[None], size)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- text

@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from camanim.report import tiles as T
-from camanim.report.source import Source, dig
+from camanim.outputs.report import tiles as T
+from camanim.outputs.report.source import Source, dig
 
 
 def _preprocessing_text(prep: Mapping[str, Any]) -> str:
