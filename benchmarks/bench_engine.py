@@ -70,7 +70,7 @@ SECTION = "## Engine: every layer from one capture"
 def build(name: str, device: str):
     """``(LoadedModel, x (1, 3, 224, 224))`` on ``device``; torchvision models get random weights, seed 0."""
     from camanim.compute.models import load_model, wrap_model
-    from camanim.explanation import prepare_input
+    from camanim.pipelines.explain import prepare_input
 
     if name == "efficientnet_lite0":
         lm = load_model(device=device)

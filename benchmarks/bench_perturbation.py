@@ -80,7 +80,7 @@ def bench_perturbation(device: torch.device, batch_size: int, methods: list[str]
     from camanim.compute.layers import list_layers, select_layers
     from camanim.compute.methods import get_method
     from camanim.compute.models import wrap_model
-    from camanim.explanation import prepare_input
+    from camanim.pipelines.explain import prepare_input
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(device)
@@ -181,7 +181,7 @@ def bench_perturbation(device: torch.device, batch_size: int, methods: list[str]
 def bench_fmgcam(device: torch.device, k: int, repeats: int) -> list[dict]:
     import camanim
     from camanim.compute.models import load_model
-    from camanim.explanation import prepare_input
+    from camanim.pipelines.explain import prepare_input
 
     lm = load_model(device=str(device))
     rows = []

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+import camanim.outputs  # noqa: F401  (attaches the results' save, render and display methods)
+
 SIZE = 48
 SHAPE = 12
 

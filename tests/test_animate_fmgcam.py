@@ -18,10 +18,10 @@ from camanim.compute.models import Preprocessing, wrap_model
 from camanim.compute.normalize import Range
 from camanim.compute.resize import resize_maps
 from camanim.errors import CamanimError
-from camanim.explanation import explain
 from camanim.methods_fused import FusionError, class_colors, fmgcam_sweep, fuse, fused_overlay
 from camanim.outputs.bundle import staging_path
 from camanim.outputs.video import count_frames
+from camanim.pipelines.explain import explain
 
 from .conftest import CountingCNN, TinyCNN
 
@@ -37,7 +37,7 @@ def x() -> torch.Tensor:
 def test_one_frame_per_kept_layer_from_one_k_class_capture(
     tmp_path: Path, tiny_model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import camanim.explanation as explanation
+    import camanim.pipelines.explain as explanation
 
     calls = []
     real = explanation.capture

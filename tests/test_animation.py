@@ -18,10 +18,10 @@ from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
 from camanim.compute.normalize import Range, map_range, normalize
 from camanim.errors import BundleExistsError, CamanimError
-from camanim.explanation import Explanation, explain
 from camanim.outputs.bundle import staging_path
 from camanim.outputs.render import colormap_lut
 from camanim.outputs.video import count_frames, read_frames
+from camanim.pipelines.explain import Explanation, explain
 
 from .conftest import CountingCNN, TinyCNN
 

@@ -71,7 +71,7 @@ def test_containers_are_not_conv_layers():
 
 
 def test_grid_is_methods_by_layers_from_one_capture(tiny, monkeypatch):
-    import camanim.explanation as explanation
+    import camanim.pipelines.explain as explanation
 
     model, x = tiny
     calls = []

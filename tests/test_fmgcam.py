@@ -113,7 +113,7 @@ def test_k1_reduces_to_the_base_methods_normalised_map(tiny):
 def test_class_maps_come_from_one_capture(tiny, monkeypatch):
     """The K classes share ONE capture (one forward of the image, one backward pass per class), and each
     class's base map equals a single-class explanation of that class."""
-    import camanim.explanation as explanation
+    import camanim.pipelines.explain as explanation
 
     model, x = tiny
     calls = []

@@ -39,7 +39,7 @@ from torch import nn
 import camanim
 from camanim.compute.layers import default_layers, list_layers
 from camanim.compute.models import LoadedModel, load_model, wrap_model
-from camanim.explanation import Explanation, prepare_input
+from camanim.pipelines.explain import Explanation, prepare_input
 
 pytest.importorskip("cv2", reason="grad-cam needs OpenCV (cv2)")
 gradcam_pkg = pytest.importorskip("pytorch_grad_cam", reason="the grad-cam package is not installed")

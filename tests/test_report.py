@@ -24,10 +24,11 @@ from camanim.animation import Animation
 from camanim.cli import main
 from camanim.compute.models import wrap_model
 from camanim.compute.normalize import Range
-from camanim.explanation import explain, save_explanation
 from camanim.outputs.bundle import open_bundle
+from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report import render_report, write_report
 from camanim.outputs.report import tiles as T
+from camanim.pipelines.explain import explain
 from camanim.road.ybroad import write_ybroad, ybroad
 from tests.conftest import TinyCNN, synthetic_batch
 

@@ -119,7 +119,7 @@ def test_tiles_equal_the_animation_tiles(fm_bundle, norm) -> None:
 
 def test_local_tile_is_the_fused_overlay_of_an_independent_sweep(fm_bundle, tiny) -> None:
     """At the input size, a local tile is fused_overlay of FM-G-CAM computed without the bundle."""
-    from camanim.explanation import explain
+    from camanim.pipelines.explain import explain
 
     out, anim = fm_bundle
     model, x = tiny
@@ -306,7 +306,7 @@ def test_result_tiles_are_fused_overlays_of_an_independent_sweep(result_bundle, 
     """At the input size, local tiles are fused_overlay of an FM-G-CAM sweep computed without the bundle,
     global tiles the same with one scale for every layer (the largest upsampled value of the sweep)."""
     from camanim.compute.resize import resize_maps
-    from camanim.explanation import explain
+    from camanim.pipelines.explain import explain
 
     out, res, _ = result_bundle
     model, x = tiny
@@ -355,7 +355,8 @@ def test_result_report_shows_the_figure_and_is_self_contained(result_bundle) -> 
 
 def test_figure_only_fmgcam_section_keeps_the_ordinary_viewer(tiny, tmp_path) -> None:
     """An explanation bundle whose ``fmgcam`` section only names a figure (no class table) is not fused."""
-    from camanim.explanation import explain, save_explanation
+    from camanim.outputs.explanation import save_explanation
+    from camanim.pipelines.explain import explain
 
     model, x = tiny
     out = save_explanation(explain(model, x, layers="last"), tmp_path / "b", overlays=False)

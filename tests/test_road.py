@@ -12,8 +12,8 @@ import torch
 from scipy import ndimage
 
 from camanim.compute.models import Preprocessing
-from camanim.explanation import explain
 from camanim.outputs.bundle import read_manifest, staging_path
+from camanim.pipelines.explain import explain
 from camanim.road import (
     ROAD,
     NoisyLinearImputer,

@@ -17,8 +17,8 @@ _compat.install()  # old module paths (camanim.explanation, camanim.road...) kee
 _LAZY = {
     "animate": "camanim.animation",
     "Animation": "camanim.animation",
-    "explain": "camanim.explanation",
-    "Explanation": "camanim.explanation",
+    "explain": "camanim.pipelines.explain",
+    "Explanation": "camanim.pipelines.explain",
     "load_model": "camanim.compute.models",
     "load_image": "camanim.compute.images",
     "list_layers": "camanim.compute.layers",
@@ -64,14 +64,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
     from camanim.compute.models import load_model
-    from camanim.explanation import Explanation, explain
     from camanim.methods_fused import FMGCAMResult, fmgcam
     from camanim.outputs.report import write_report
+    from camanim.pipelines.explain import Explanation, explain
     from camanim.road import YbRoadResult, road_scores, ybroad
     from camanim.study import run_study
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        importlib.import_module("camanim.outputs")  # attaches the results' writers and notebook display
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'camanim' has no attribute {name!r}")

@@ -22,6 +22,10 @@ MOVED: dict[str, tuple[str, ...]] = {
     "camanim.bundle": ("camanim.outputs.bundle",),
     "camanim.capture": ("camanim.compute.capture",),
     "camanim.devices": ("camanim.compute.devices",),
+    "camanim.explanation": (
+        "camanim.pipelines.explain",
+        "camanim.outputs.explanation",
+    ),
     "camanim.images": ("camanim.compute.images",),
     "camanim.layers": ("camanim.compute.layers",),
     "camanim.methods": ("camanim.compute.methods",),

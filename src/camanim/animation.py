@@ -54,7 +54,6 @@ from camanim.compute.models import DEFAULT_MODEL, LoadedModel
 from camanim.compute.normalize import Range
 from camanim.compute.resize import shrink
 from camanim.errors import CamanimError, OptionError, UnknownNameError
-from camanim.explanation import Explanation, _as_loaded, explain, prepare_input
 from camanim.figures import PERCENTILES, Strip
 from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions
 from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
@@ -62,6 +61,7 @@ from camanim.methods_fused import FMGCAMResult
 from camanim.outputs.bundle import Bundle, open_bundle
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut
 from camanim.outputs.video import FORMATS, default_fps, open_writer
+from camanim.pipelines.explain import Explanation, as_loaded, explain, prepare_input
 from camanim.resume import STATE_FILE as STATE_FILE
 from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation
 
@@ -773,7 +773,7 @@ def animate(
     fused = fused_options(methods, top_k=top_k, base=base, activation=activation, target=target)
     check_animation_options(norm=norm, layout=layout, cmap=cmap, size=size, fps=fps)  # before the model runs
     k = None if fused is None else fused.k
-    lm = _as_loaded(model, device)
+    lm = as_loaded(model, device)
     request = {
         "model": lm.name,
         "weights": lm.weights,

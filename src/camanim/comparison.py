@@ -259,14 +259,14 @@ def compare(
         A :class:`Comparison`.
     """
     from camanim.compute.methods import parse_methods
-    from camanim.explanation import _as_loaded, explain, prepare_input
     from camanim.outputs.render import colormap_lut, overlay
+    from camanim.pipelines.explain import as_loaded, explain, prepare_input
 
     if norm not in NORMS:
         from camanim.errors import UnknownNameError
 
         raise UnknownNameError("normalisation", norm, NORMS)
-    lm = _as_loaded(model, device)
+    lm = as_loaded(model, device)
     names = parse_methods(methods)
     x, _, _ = prepare_input(image, lm)
     if x.shape[0] != 1:
@@ -388,7 +388,7 @@ def check_road_source(src: RoadSource, lm: Any, image: Any, target: Any = None) 
         RoadSourceError: any of them differs (the message says which and how).
     """
     from camanim.compute.targets import resolve_class
-    from camanim.explanation import prepare_input
+    from camanim.pipelines.explain import prepare_input
 
     problems = []
     if src.model is not None and src.model != lm.name:

@@ -27,10 +27,10 @@ from camanim.compute.methods import method_class
 from camanim.compute.normalize import Range
 from camanim.compute.resize import shrink, upsample_by_size
 from camanim.errors import OptionError, UnknownNameError
-from camanim.explanation import Explanation
 from camanim.fused_frames import LegendComposer, fused_stack
 from camanim.methods_fused import FMGCAMResult, blend_classes
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch
+from camanim.pipelines.explain import Explanation
 
 if TYPE_CHECKING:
     from camanim.animation import Animation

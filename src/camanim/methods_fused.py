@@ -436,8 +436,9 @@ def write_fmgcam(result: FMGCAMResult, bundle: Any, *, panels: bool = True) -> N
 
     ``fmgcam.png`` shows the last layer; with several layers each also gets ``fmgcam/<index>_<layer>.png``.
     """
-    from camanim.explanation import describe, overlay_path
+    from camanim.outputs.explanation import overlay_path
     from camanim.outputs.render import save_png
+    from camanim.pipelines.explain import describe
 
     ex = result.explanation
     bundle.save_npy("input.npy", ex.input[:1].numpy(), "input tensor (1, 3, H, W) float32")
@@ -508,11 +509,11 @@ def fmgcam(
         >>> res.fused[res.layers[-1]].shape  # doctest: +SKIP
         torch.Size([3, 7, 7])
     """
-    from camanim.explanation import _as_loaded, explain
+    from camanim.pipelines.explain import as_loaded, explain
 
     base = check_base(base)
     if activation not in ACTIVATIONS:
         raise UnknownNameError("activation", activation, ACTIVATIONS)
-    lm = _as_loaded(model, device)
+    lm = as_loaded(model, device)
     ex = explain(lm, image, methods=base, layers=layers, top_k=k, score="sigmoid" if multilabel else "logit")
     return FMGCAMResult.from_explanation(ex, base, activation, norm=norm, multilabel=multilabel)

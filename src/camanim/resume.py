@@ -35,9 +35,10 @@ from PIL import Image
 
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
-from camanim.explanation import Explanation, describe, write_explanation
 from camanim.outputs.bundle import Bundle, staging_path
+from camanim.outputs.explanation import write_explanation
 from camanim.outputs.render import save_png
+from camanim.pipelines.explain import Explanation, describe
 
 if TYPE_CHECKING:
     from camanim.animation import Animation

@@ -303,7 +303,7 @@ class YbRoadResult:
         smooth: int = SMOOTH_WINDOW,
     ) -> Path:
         """Write a bundle: explanation basics (no overlays) plus the ybROAD files (:func:`write_ybroad`)."""
-        from camanim.explanation import write_explanation
+        from camanim.outputs.explanation import write_explanation
 
         with open_bundle(out, force=force, command=command) as bundle:
             write_explanation(self.explanation, bundle, overlays=False)
@@ -403,7 +403,7 @@ def ybroad(
         RoadError: a batch of several images, an unknown imputation space, or bad percentages.
     """
     from camanim.compute.models import DEFAULT_MODEL
-    from camanim.explanation import _as_loaded, explain
+    from camanim.pipelines.explain import as_loaded, explain
 
     t0 = time.perf_counter()
     ps = check_percentages(percentages)
@@ -411,7 +411,7 @@ def ybroad(
         raise RoadError(f"imputation_space must be one of {SPACES}, got {imputation_space!r}")
     imp = _default_imputer(imputer)
     if explanation is None:
-        lm = _as_loaded(model if model is not None else DEFAULT_MODEL, device)
+        lm = as_loaded(model if model is not None else DEFAULT_MODEL, device)
         ex = explain(
             lm, image, methods=methods, layers=layers, target=target, score=score,
             keep_nonspatial=keep_nonspatial, device=device, seed=seed,
@@ -420,7 +420,7 @@ def ybroad(
         if model is None:
             raise RoadError("ybroad(explanation=...) needs the model whose maps these are (model=...)")
         ex = explanation
-        lm = _as_loaded(model, device)
+        lm = as_loaded(model, device)
     net: nn.Module = lm.model
     timings = {"explain": time.perf_counter() - t0}
     if ex.input.shape[0] != 1:
@@ -696,7 +696,7 @@ def save_ybroad(
     Returns:
         ``(result, bundle path)``.
     """
-    from camanim.explanation import write_explanation
+    from camanim.outputs.explanation import write_explanation
 
     with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
         ckpt = bundle.path / CHECKPOINT

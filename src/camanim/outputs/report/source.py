@@ -196,7 +196,7 @@ def _tensor_reader(maps: Mapping[str, Mapping[str, Any]]) -> MapReader:
 
 def from_animation(anim: Any, *, strip: bool = True) -> Source:
     """An in-memory :class:`~camanim.animation.Animation` as a report source (nothing is written)."""
-    from camanim.explanation import describe
+    from camanim.pipelines.explain import describe
 
     ex = anim.explanation
     sections = describe(ex) | {"animation": anim.describe()}
@@ -208,6 +208,6 @@ def from_animation(anim: Any, *, strip: bool = True) -> Source:
 
 def from_explanation(ex: Any, sample: int = 0) -> Source:
     """An in-memory :class:`~camanim.explanation.Explanation` as a report source."""
-    from camanim.explanation import describe
+    from camanim.pipelines.explain import describe
 
     return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), np.asarray(ex.display[sample]))

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +25,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from camanim.compute.capture import capture
+from camanim.compute.images import LoadedImage, load_image
 from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.compute.methods import get_method, method_class, parse_methods
 from camanim.compute.methods.base import LayerTensors, compute_maps
+from camanim.compute.methods.perturbation import run_per_channel
 from camanim.compute.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -40,8 +39,14 @@ from camanim.compute.models import (
     wrap_model,
 )
 from camanim.compute.targets import TARGET_KINDS, resolve_class
-from camanim.errors import LayerSelectionError, OptionError, TargetError
-from camanim.outputs.bundle import Bundle, open_bundle
+from camanim.errors import (
+    ImageError,
+    LayerNotFoundError,
+    LayerSelectionError,
+    OptionError,
+    TargetError,
+    UnknownNameError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ FLAT_RTOL = 1e-6
 @dataclass(frozen=True)
 class Explanation:
     """Raw maps of every chosen method at every chosen layer, from one capture.
+
+    Writing (``save``) and notebook display are attached by :mod:`camanim.outputs` (see
+    :func:`camanim.outputs.explanation.save_explanation`).
 
     Attributes:
         model_name: the model's name; ``weights`` where its weights came from.
@@ -98,8 +106,6 @@ class Explanation:
         for layer in self.chosen:
             if layer.name == name:
                 return layer
-        from camanim.errors import LayerNotFoundError
-
         raise LayerNotFoundError(
             name, [layer.name for layer in self.chosen], "not among the explained layers"
         )
@@ -118,20 +124,10 @@ class Explanation:
         size = size or tuple(self.input.shape[-2:])
         return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
-    def save(self, out: str | os.PathLike, *, force: bool = False, overlays: bool = True) -> Path:
-        """Write this explanation as a bundle (manifest, ``input.npy``, ``maps.npz``, overlay PNGs)."""
-        return save_explanation(self, out, force=force, overlays=overlays)
-
     def top(self, k: int = 5, sample: int = 0) -> list[tuple[int, str, float]]:
         """The ``k`` most probable classes of ``sample`` as ``(index, name, probability)``."""
         p, i = self.probabilities[sample].topk(min(k, self.probabilities.shape[1]))
         return [(int(c), self.class_names[int(c)], float(v)) for v, c in zip(p, i, strict=True)]
-
-    def _repr_html_(self) -> str:
-        """Jupyter display: an overlay grid, methods x layers (local normalisation); see :mod:`camanim.report`."""
-        from camanim.outputs.report import explanation_html
-
-        return explanation_html(self)
 
 
 def map_flags(m: Tensor, lo: float | None = None, hi: float | None = None) -> list[str]:
@@ -148,7 +144,7 @@ def map_flags(m: Tensor, lo: float | None = None, hi: float | None = None) -> li
     return flags
 
 
-def _as_loaded(
+def as_loaded(
     model: LoadedModel | nn.Module | str, device: str | torch.device | None, output: OutputSpec = None
 ) -> LoadedModel:
     """A :class:`LoadedModel` for a model, module or name; ``output`` (if given) replaces its output selector."""
@@ -173,8 +169,6 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     if isinstance(image, Tensor):
         x = image[None] if image.dim() == 3 else image
         if x.dim() != 4:
-            from camanim.errors import ImageError
-
             raise ImageError(f"an input tensor must be (C, H, W) or (B, C, H, W), got {list(image.shape)}")
         x = x.detach().float().cpu()
         if x.shape[1] == 3:
@@ -187,8 +181,6 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
             )
         display = (pixels.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         return x, display, {"source": "tensor", "shape": list(x.shape)}
-    from camanim.compute.images import LoadedImage, load_image
-
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     tensors, displays, infos = [], [], []
     for item in items:
@@ -275,7 +267,7 @@ def explain(
         An :class:`Explanation` with raw maps on the CPU.
     """
     t0 = time.perf_counter()
-    lm = _as_loaded(model, device, output)
+    lm = as_loaded(model, device, output)
     net = lm.model
     dev = lm.device
     if top_k is not None and target is not None:
@@ -284,8 +276,6 @@ def explain(
     per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
     instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel}
     if score not in TARGET_KINDS:
-        from camanim.errors import UnknownNameError
-
         raise UnknownNameError("score", score, TARGET_KINDS)
     x, display, image_info = prepare_input(image, lm)
     x = x.to(dev)
@@ -372,8 +362,6 @@ def explain(
         output = output.expand(passes, *output.shape[1:])
         kept = {name: v.expand(passes, *v.shape[1:]) for name, v in kept.items()}
     if per_channel:
-        from camanim.compute.methods.perturbation import run_per_channel
-
         t = time.perf_counter()
         target_obj = TARGET_KINDS[score](tuple(lazy_target.classes))
         done = run_per_channel(
@@ -483,16 +471,6 @@ class _LazyTarget:
         return torch.stack([kind((c,))(output) for c in self.classes], dim=1)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def overlay_path(method: str, layer: Layer, sample: int | None = None) -> str:
-    """The bundle-relative path of one overlay PNG."""
-    suffix = "" if sample is None else f"_s{sample}"
-    return f"overlays/{_safe(method)}/{layer.index:03d}_{_safe(layer.name)}{suffix}.png"
-
-
 def method_info(name: str) -> dict:
     """A method's registry entry as recorded in manifests."""
     cls = method_class(name)
@@ -538,47 +516,3 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         "flags": {m: {k: list(v) for k, v in f.items() if v} for m, f in ex.flags.items()},
         "timings": dict(ex.timings),
     }
-
-
-def write_explanation(ex: Explanation, bundle: Bundle, *, overlays: bool = True, cmap: str = "jet") -> None:
-    """Write ``input.npy``, ``maps.npz`` and overlay PNGs into ``bundle`` and describe them in its manifest.
-
-    Overlays show each map after the method's ReLU, upsampled and scaled by its own min and max (local
-    normalisation), over the picture the model saw.
-    """
-    from camanim.compute.normalize import normalize
-    from camanim.outputs.render import colormap_lut, overlay_batch, save_png
-
-    bundle.save_npy("input.npy", ex.input.numpy(), "input tensor (B, 3, H, W) float32")
-    bundle.save_npz(
-        "maps.npz",
-        {f"{m}/{layer}": t.numpy() for m, per in ex.maps.items() for layer, t in per.items()},
-        "raw maps",
-    )
-    bundle.manifest.update(describe(ex))
-    written = []
-    if overlays:
-        lut = colormap_lut(cmap)
-        for m in ex.methods:
-            for layer in ex.chosen:
-                up = ex.upsampled(m, layer.name)
-                for b in range(up.shape[0]):
-                    norm = normalize(up[b].numpy())
-                    rgb = overlay_batch(ex.display[b], norm[None], lut)[0]
-                    rel = overlay_path(m, layer, b if up.shape[0] > 1 else None)
-                    save_png(bundle.file(rel, "overlay"), rgb, compress_level=3)
-                    written.append(rel)
-    bundle.manifest["overlays"] = {
-        "colormap": cmap,
-        "normalisation": "local (per map min/max after ReLU)",
-        "count": len(written),
-    }
-
-
-def save_explanation(
-    ex: Explanation, out: str | os.PathLike, *, force: bool = False, overlays: bool = True, command: str = ""
-) -> Path:
-    """Write ``ex`` as a bundle at ``out`` (see :mod:`camanim.bundle`); returns the bundle's path."""
-    with open_bundle(out, force=force, command=command) as bundle:
-        write_explanation(ex, bundle, overlays=overlays)
-    return bundle.root

@@ -1,0 +1,34 @@
+"""What the outputs floor adds to the pipelines' results: their writers, renderers and notebook display.
+
+The results (:class:`~camanim.pipelines.explain.Explanation` and the others) are data and the computations
+on it; the methods that write a bundle, draw or display (``save``, ``_repr_html_``) are set on their classes
+here, once, when :mod:`camanim.outputs` is imported (``import camanim`` does it on first use of its public
+names). So no pipeline imports an output, and every result still has its ``save``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from camanim.outputs.explanation import save_explanation
+from camanim.outputs.report.notebook import explanation_html
+from camanim.pipelines.explain import Explanation
+
+
+def _explanation_save(
+    self: Explanation, out: str | os.PathLike, *, force: bool = False, overlays: bool = True
+) -> Path:
+    """Write this explanation as a bundle (manifest, ``input.npy``, ``maps.npz``, overlay PNGs)."""
+    return save_explanation(self, out, force=force, overlays=overlays)
+
+
+def _explanation_html(self: Explanation) -> str:
+    """Jupyter display: an overlay grid, methods x layers (local normalisation)."""
+    return explanation_html(self)
+
+
+def attach() -> None:
+    """Set the writers, renderers and notebook display on the results' classes."""
+    Explanation.save = _explanation_save
+    Explanation._repr_html_ = _explanation_html
