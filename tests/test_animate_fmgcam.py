@@ -14,12 +14,13 @@ from torch import nn
 
 from camanim import animation as animation_mod
 from camanim.animation import Animation, animate
+from camanim.compute.fusion import FusionError, fmgcam_sweep, fuse
 from camanim.compute.models import Preprocessing, wrap_model
 from camanim.compute.normalize import Range
 from camanim.compute.resize import resize_maps
 from camanim.errors import CamanimError
-from camanim.methods_fused import FusionError, class_colors, fmgcam_sweep, fuse, fused_overlay
 from camanim.outputs.bundle import staging_path
+from camanim.outputs.fmgcam import class_colors, fused_overlay
 from camanim.outputs.video import count_frames
 from camanim.pipelines.explain import explain
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import camanim
+from camanim.compute.fusion import fmgcam_sweep, fuse
 from camanim.compute.normalize import normalize
-from camanim.methods_fused import MAX_DISTINCT_COLORS, class_colors, fmgcam, fmgcam_sweep, fuse, fused_overlay
+from camanim.outputs.fmgcam import MAX_DISTINCT_COLORS, class_colors, fused_overlay
+from camanim.pipelines.fmgcam import fmgcam
 
 from .conftest import no_hooks
 
@@ -252,7 +254,7 @@ def test_class_colors_distinct_and_larger_k(caplog):
     small = class_colors(MAX_DISTINCT_COLORS)
     assert small.shape == (MAX_DISTINCT_COLORS, 3) and len({tuple(c) for c in small}) == MAX_DISTINCT_COLORS
     assert not any(c[0] == c[1] == c[2] for c in small)  # no grey
-    with caplog.at_level(logging.WARNING, logger="camanim.methods_fused"):
+    with caplog.at_level(logging.WARNING, logger="camanim.outputs.fmgcam"):
         big = class_colors(40)
     assert big.shape == (40, 3) and len({tuple(c) for c in big}) == 40
     assert "evenly spaced hues" in caplog.text

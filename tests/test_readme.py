@@ -24,7 +24,6 @@ import camanim.animation
 import camanim.cli
 import camanim.comparison
 import camanim.compute.models
-import camanim.methods_fused
 import camanim.pipelines.explain
 import camanim.road.ybroad
 from camanim.compute.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model

@@ -27,8 +27,8 @@ _LAZY = {
     "ybroad": "camanim.road",
     "road_scores": "camanim.road",
     "YbRoadResult": "camanim.road",
-    "fmgcam": "camanim.methods_fused",
-    "FMGCAMResult": "camanim.methods_fused",
+    "fmgcam": "camanim.pipelines.fmgcam",
+    "FMGCAMResult": "camanim.pipelines.fmgcam",
     "compare": "camanim.comparison",
     "Comparison": "camanim.comparison",
     "write_report": "camanim.outputs.report",
@@ -64,9 +64,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
     from camanim.compute.models import load_model
-    from camanim.methods_fused import FMGCAMResult, fmgcam
     from camanim.outputs.report import write_report
     from camanim.pipelines.explain import Explanation, explain
+    from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
     from camanim.road import YbRoadResult, road_scores, ybroad
     from camanim.study import run_study
 

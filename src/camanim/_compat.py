@@ -31,7 +31,11 @@ MOVED: dict[str, tuple[str, ...]] = {
     "camanim.methods": ("camanim.compute.methods",),
     "camanim.methods.base": ("camanim.compute.methods.base",),
     "camanim.methods.eigen": ("camanim.compute.methods.eigen",),
-    "camanim.methods.fused": ("camanim.methods_fused",),
+    "camanim.methods.fused": (
+        "camanim.compute.fusion",
+        "camanim.pipelines.fmgcam",
+        "camanim.outputs.fmgcam",
+    ),
     "camanim.methods.gradient": ("camanim.compute.methods.gradient",),
     "camanim.methods.perturbation": ("camanim.compute.methods.perturbation",),
     "camanim.models": ("camanim.compute.models",),

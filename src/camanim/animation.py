@@ -57,11 +57,11 @@ from camanim.errors import CamanimError, OptionError, UnknownNameError
 from camanim.figures import PERCENTILES, Strip
 from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions
 from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
-from camanim.methods_fused import FMGCAMResult
 from camanim.outputs.bundle import Bundle, open_bundle
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut
 from camanim.outputs.video import FORMATS, default_fps, open_writer
 from camanim.pipelines.explain import Explanation, as_loaded, explain, prepare_input
+from camanim.pipelines.fmgcam import FMGCAMResult
 from camanim.resume import STATE_FILE as STATE_FILE
 from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation
 

@@ -28,9 +28,10 @@ from camanim.compute.normalize import Range
 from camanim.compute.resize import shrink, upsample_by_size
 from camanim.errors import OptionError, UnknownNameError
 from camanim.fused_frames import LegendComposer, fused_stack
-from camanim.methods_fused import FMGCAMResult, blend_classes
+from camanim.outputs.fmgcam import blend_classes
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch
 from camanim.pipelines.explain import Explanation
+from camanim.pipelines.fmgcam import FMGCAMResult
 
 if TYPE_CHECKING:
     from camanim.animation import Animation

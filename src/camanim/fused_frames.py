@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from camanim.compute.fusion import ACTIVATIONS, FusionError, check_base
 from camanim.compute.resize import upsample_by_size
 from camanim.errors import UnknownNameError
-from camanim.methods_fused import ACTIVATIONS, FMGCAMResult, FusionError, check_base
 from camanim.outputs.render import FrameComposer, FrameStyle
+from camanim.pipelines.fmgcam import FMGCAMResult
 
 __all__ = [
     "DEFAULT_K",

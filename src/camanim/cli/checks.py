@@ -9,11 +9,11 @@ from pathlib import Path
 from camanim.animation import check_animation_options
 from camanim.comparison import read_road_source
 from camanim.compute.devices import resolve_device
+from camanim.compute.fusion import check_base
 from camanim.compute.images import load_image
 from camanim.compute.methods import parse_methods
 from camanim.errors import OptionError
 from camanim.fused_frames import fused_options
-from camanim.methods_fused import check_base
 from camanim.outputs.bundle import check_output, read_manifest
 from camanim.outputs.report import check_report_path
 from camanim.road import get_imputer

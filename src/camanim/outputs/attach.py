@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from camanim.outputs import fmgcam as fm
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report.notebook import explanation_html
 from camanim.pipelines.explain import Explanation
+from camanim.pipelines.fmgcam import FMGCAMResult
 
 
 def _explanation_save(
@@ -32,3 +34,11 @@ def attach() -> None:
     """Set the writers, renderers and notebook display on the results' classes."""
     Explanation.save = _explanation_save
     Explanation._repr_html_ = _explanation_html
+    FMGCAMResult.colors = property(fm.result_colors, doc="``(K, 3)`` uint8 class colours.")
+    FMGCAMResult.class_table = fm.class_table
+    FMGCAMResult.describe = fm.describe_result
+    FMGCAMResult.legend_strip = fm.legend_strip
+    FMGCAMResult.with_legend = fm.with_legend
+    FMGCAMResult.overlay = fm.result_overlay
+    FMGCAMResult.render = fm.render_result
+    FMGCAMResult.save = fm.save_result

@@ -106,7 +106,7 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
         return None
     colors = [_color(c.get("color")) for c in classes]
     if any(c is None for c in colors):
-        from camanim.methods_fused import class_colors
+        from camanim.outputs.fmgcam import class_colors
 
         table = class_colors(len(classes))
     else:
@@ -145,7 +145,7 @@ def legend(fusion: Fusion) -> list[dict[str, Any]]:
 def fused_maps(src: Source, fusion: Fusion, frames: Sequence[str]) -> list[torch.Tensor] | None:
     """Every frame's fused map ``(K, h, w)``, fused again from the bundle's base maps; None when a layer's
     base maps are missing or do not hold the K classes."""
-    from camanim.methods_fused import fuse
+    from camanim.compute.fusion import fuse
 
     out = []
     for name in frames:
