@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camanim.compute.metrics.road import _forward_copy, _probabilities
+from camanim.compute.metrics.imputers import NoisyLinearImputer, SpsolveImputer
+from camanim.compute.metrics.road import _forward_copy, _probabilities, removal_masks
 from camanim.compute.models import load_model
-from camanim.road import NoisyLinearImputer, SpsolveImputer, removal_masks, ybroad
+from camanim.pipelines.ybroad import ybroad
 
 log = logging.getLogger("bench_road")
 RESULTS = Path(__file__).with_name("RESULTS.md")

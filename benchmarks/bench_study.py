@@ -35,7 +35,7 @@ from PIL import Image
 from camanim.compute.images import load_image
 from camanim.compute.layers import default_layers, list_layers
 from camanim.compute.models import load_model
-from camanim.road import ybroad
+from camanim.pipelines.ybroad import ybroad
 from camanim.study import run_study
 from camanim.study.units import ModelSpec, Unit, list_images, parse_layers, unit_seed
 

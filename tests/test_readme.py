@@ -25,7 +25,7 @@ import camanim.cli
 import camanim.comparison
 import camanim.compute.models
 import camanim.pipelines.explain
-import camanim.road.ybroad
+import camanim.pipelines.ybroad
 from camanim.compute.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model
 from tests.conftest import TinyCNN
 

@@ -28,8 +28,9 @@ from camanim.outputs.bundle import open_bundle
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report import render_report, write_report
 from camanim.outputs.report import tiles as T
+from camanim.outputs.ybroad import write_ybroad
 from camanim.pipelines.explain import explain
-from camanim.road.ybroad import write_ybroad, ybroad
+from camanim.pipelines.ybroad import ybroad
 from tests.conftest import TinyCNN, synthetic_batch
 
 CHROMIUM = os.environ.get("CAMANIM_CHROMIUM", "/usr/bin/chromium")

@@ -11,23 +11,16 @@ import pytest
 import torch
 from scipy import ndimage
 
+from camanim.compute.metrics.imputers import NoisyLinearImputer, SpsolveImputer
+from camanim.compute.metrics.road import ROAD, RoadError, removal_masks, road_scores
 from camanim.compute.models import Preprocessing
 from camanim.outputs.bundle import read_manifest, staging_path
 from camanim.pipelines.explain import explain
-from camanim.road import (
-    ROAD,
-    NoisyLinearImputer,
-    RoadError,
-    SpsolveImputer,
-    removal_masks,
-    road_scores,
-    smooth_series,
-    ybroad,
-)
+from camanim.pipelines.ybroad import smooth_series, ybroad
 from tests.conftest import SHAPE, TinyCNN, _draw, no_hooks, synthetic_batch
 
-# The package attribute ``camanim.road.ybroad`` is the function; the module is reached through importlib.
-ybroad_mod = importlib.import_module("camanim.road.ybroad")
+ybroad_mod = importlib.import_module("camanim.pipelines.ybroad")
+ybroad_files = importlib.import_module("camanim.outputs.ybroad")
 
 PERCENTAGES = (20, 40, 60, 80)
 
@@ -251,7 +244,7 @@ def test_cli_road_writes_the_bundle(tmp_path):
     assert "ybroad.png" in manifest["files"] and "definition" in manifest["road"]
     assert manifest["road"]["methods"]["gradcam"]["layers"] == 1
     assert json.loads((out / "ybroad.json").read_text())["percentages"] == [30.0, 70.0]
-    assert not (out / ybroad_mod.CHECKPOINT).exists()
+    assert not (out / ybroad_files.CHECKPOINT).exists()
     from camanim.comparison import load_road
 
     assert len(load_road(out)) == 1  # the compare command reads the manifest's ROAD results
@@ -263,30 +256,30 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, monk
     model = TinyCNN(classes=4).eval()
     x = torch.rand(1, 3, 64, 64)
     kwargs = dict(methods="gradcam", imputer=SpsolveImputer(), batch_size=8, seed=5)
-    full, _ = ybroad_mod.save_ybroad(model, x, tmp_path / "full", **kwargs)
+    full, _ = ybroad_files.save_ybroad(model, x, tmp_path / "full", **kwargs)
     n = len(full["gradcam"])
     assert n > 3
 
-    real = ybroad_mod._save_checkpoint
+    real = ybroad_files.JsonCheckpoint.save
     calls = {"n": 0}
 
-    def interrupt_after_two(path, state):
-        real(path, state)
+    def interrupt_after_two(self, state):
+        real(self, state)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C while layer scores were being saved
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(ybroad_mod, "_save_checkpoint", interrupt_after_two)
+    monkeypatch.setattr(ybroad_files.JsonCheckpoint, "save", interrupt_after_two)
     with pytest.raises(KeyboardInterrupt):
-        ybroad_mod.save_ybroad(model, x, out, **kwargs)
-    monkeypatch.setattr(ybroad_mod, "_save_checkpoint", real)
+        ybroad_files.save_ybroad(model, x, out, **kwargs)
+    monkeypatch.setattr(ybroad_files.JsonCheckpoint, "save", real)
     stage = staging_path(out.absolute())
-    assert not out.exists() and (stage / ybroad_mod.CHECKPOINT).is_file()
-    done = len(json.loads((stage / ybroad_mod.CHECKPOINT).read_text())["rows"])
+    assert not out.exists() and (stage / ybroad_files.CHECKPOINT).is_file()
+    done = len(json.loads((stage / ybroad_files.CHECKPOINT).read_text())["rows"])
     assert 0 < done < n
 
-    res, path = ybroad_mod.save_ybroad(model, x, out, resume=True, **kwargs)
+    res, path = ybroad_files.save_ybroad(model, x, out, resume=True, **kwargs)
     assert res.resumed == done and res.stats["masks"] == 8 * (n - done)
     np.testing.assert_array_equal(res["gradcam"].morf, full["gradcam"].morf)
     np.testing.assert_array_equal(res["gradcam"].lerf, full["gradcam"].lerf)

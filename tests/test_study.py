@@ -233,7 +233,7 @@ def test_report_is_self_contained(reference):
 
 def test_same_numbers_as_ybroad(reference, inputs):
     """A stored row is what camanim.road.ybroad gives for that image, target and the unit's seed."""
-    from camanim.road import ybroad
+    from camanim.pipelines.ybroad import ybroad
     from camanim.study.units import build_model as build
 
     _, study = reference

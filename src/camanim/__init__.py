@@ -24,9 +24,9 @@ _LAZY = {
     "list_layers": "camanim.compute.layers",
     "list_methods": "camanim.compute.methods",
     "get_method": "camanim.compute.methods",
-    "ybroad": "camanim.road",
-    "road_scores": "camanim.road",
-    "YbRoadResult": "camanim.road",
+    "ybroad": "camanim.pipelines.ybroad",
+    "road_scores": "camanim.compute.metrics.road",
+    "YbRoadResult": "camanim.pipelines.ybroad",
     "fmgcam": "camanim.pipelines.fmgcam",
     "FMGCAMResult": "camanim.pipelines.fmgcam",
     "compare": "camanim.comparison",
@@ -63,11 +63,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.images import load_image
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
+    from camanim.compute.metrics.road import road_scores
     from camanim.compute.models import load_model
     from camanim.outputs.report import write_report
     from camanim.pipelines.explain import Explanation, explain
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
-    from camanim.road import YbRoadResult, road_scores, ybroad
+    from camanim.pipelines.ybroad import YbRoadResult, ybroad
     from camanim.study import run_study
 
 

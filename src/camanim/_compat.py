@@ -51,8 +51,18 @@ MOVED: dict[str, tuple[str, ...]] = {
     "camanim.report.source": ("camanim.outputs.report.source",),
     "camanim.report.tiles": ("camanim.outputs.report.tiles",),
     "camanim.report.viewer": ("camanim.outputs.report.viewer",),
+    "camanim.road": (
+        "camanim.pipelines.ybroad",
+        "camanim.outputs.ybroad",
+        "camanim.compute.metrics.road",
+        "camanim.compute.metrics.imputers",
+    ),
     "camanim.road.imputers": ("camanim.compute.metrics.imputers",),
     "camanim.road.metric": ("camanim.compute.metrics.road",),
+    "camanim.road.ybroad": (
+        "camanim.pipelines.ybroad",
+        "camanim.outputs.ybroad",
+    ),
     "camanim.targets": ("camanim.compute.targets",),
     "camanim.video": ("camanim.outputs.video",),
 }

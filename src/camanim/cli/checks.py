@@ -12,11 +12,11 @@ from camanim.compute.devices import resolve_device
 from camanim.compute.fusion import check_base
 from camanim.compute.images import load_image
 from camanim.compute.methods import parse_methods
+from camanim.compute.metrics.imputers import get_imputer
 from camanim.errors import OptionError
 from camanim.fused_frames import fused_options
 from camanim.outputs.bundle import check_output, read_manifest
 from camanim.outputs.report import check_report_path
-from camanim.road import get_imputer
 from camanim.study.store import check_study_folder, is_study_dir
 
 

@@ -18,14 +18,16 @@ from camanim.cli.checks import is_best
 from camanim.comparison import check_road_source, compare
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
+from camanim.compute.metrics.imputers import get_imputer
 from camanim.compute.models import load_model
 from camanim.errors import CamanimError
 from camanim.outputs.bundle import REPORT, open_bundle
 from camanim.outputs.explanation import save_explanation, write_explanation
 from camanim.outputs.report import write_report
+from camanim.outputs.ybroad import save_ybroad, write_ybroad
 from camanim.pipelines.explain import explain
 from camanim.pipelines.fmgcam import fmgcam
-from camanim.road import get_imputer, save_ybroad, write_ybroad, ybroad
+from camanim.pipelines.ybroad import ybroad
 from camanim.study import is_study_dir, write_study_report
 
 logger = logging.getLogger("camanim")

@@ -152,7 +152,8 @@ def _progress_bar(enabled: bool) -> Iterator[Any]:
 def cmd_study(args: argparse.Namespace) -> int:
     """Run ``camanim study``; 0 when every unit is in the store, 1 when some failed."""
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # one ybROAD log line per unit is noise here
-        logging.getLogger("camanim.road").setLevel(logging.WARNING)
+        for name in ("camanim.pipelines.ybroad", "camanim.compute.metrics.road"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     with _progress_bar(not args.quiet and sys.stderr.isatty()) as progress:
         res = run_study(

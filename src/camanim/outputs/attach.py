@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 from camanim.outputs import fmgcam as fm
+from camanim.outputs import ybroad as yb
 from camanim.outputs.explanation import save_explanation
-from camanim.outputs.report.notebook import explanation_html
+from camanim.outputs.report.notebook import explanation_html, ybroad_html
 from camanim.pipelines.explain import Explanation
 from camanim.pipelines.fmgcam import FMGCAMResult
+from camanim.pipelines.ybroad import YbRoadResult
 
 
 def _explanation_save(
@@ -42,3 +44,10 @@ def attach() -> None:
     FMGCAMResult.overlay = fm.result_overlay
     FMGCAMResult.render = fm.render_result
     FMGCAMResult.save = fm.save_result
+    YbRoadResult.save = yb.save_result
+    YbRoadResult._repr_html_ = _ybroad_html
+
+
+def _ybroad_html(self: YbRoadResult) -> str:
+    """The ybROAD plot and summary table, for Jupyter."""
+    return ybroad_html(self)

@@ -400,8 +400,9 @@ def compute_unit(
     Returns:
         ``(layer rows, summary row)``.
     """
+    from camanim.compute.metrics.imputers import get_imputer
     from camanim.compute.targets import resolve_class
-    from camanim.road import get_imputer, ybroad
+    from camanim.pipelines.ybroad import ybroad
 
     target = None if unit.image.label is None else resolve_class(unit.image.label, lm.class_names)
     seed = unit_seed(settings.seed, unit)

@@ -30,7 +30,7 @@ Definitions (recorded in bundles' manifests as :data:`DEFINITION`):
 
 Example:
     >>> import torch
-    >>> from camanim.road import road_scores
+    >>> from camanim.compute.metrics.road import road_scores
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
     ...                             torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
     >>> x = torch.rand(3, 32, 32)

@@ -92,7 +92,7 @@ def ybroad_html(res: Any) -> str:
     """A :class:`~camanim.road.ybroad.YbRoadResult` as its plot and summary table, for ``_repr_html_``."""
     import io
 
-    from camanim.road.ybroad import plot_ybroad
+    from camanim.outputs.ybroad import plot_ybroad
 
     buf = io.BytesIO()
     plot_ybroad(res, buf)

@@ -1,7 +1,7 @@
 """ybROAD (CAManim, Kaczmarek et al. 2024): the ROAD of every layer's map, in forward order.
 
 One :func:`camanim.explanation.explain` call gives every chosen layer's map for every method; each map
-(ReLU'd, upsampled to the input size) is scored with ROAD (:mod:`camanim.road.metric`, whose docstring
+(ReLU'd, upsampled to the input size) is scored with ROAD (:mod:`camanim.compute.metrics.road`, whose docstring
 holds the definitions). All methods' and layers' perturbations go through one deduplicated, batched
 pipeline: identical masks (layers with alike maps) are imputed and forwarded once.
 
@@ -11,25 +11,20 @@ usual choice of layer) and max - final (Table 2 of the paper). A moving average 
 is drawn in the plot only, never used for the reported numbers.
 
 Example:
-    >>> from camanim.road import ybroad
+    >>> from camanim import ybroad
     >>> res = ybroad("efficientnet_lite0", "chelsea", methods="gradcam")  # doctest: +SKIP
     >>> res["gradcam"].best_layer.name, res["gradcam"].max, res["gradcam"].final  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
-import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,24 +44,22 @@ from camanim.compute.metrics.road import (
     _road_core,
     check_percentages,
 )
-from camanim.outputs.bundle import Bundle, atomic_write_bytes, open_bundle
+from camanim.compute.models import DEFAULT_MODEL
+from camanim.errors import UnknownNameError
+from camanim.pipelines.explain import as_loaded, explain
 
 __all__ = [
-    "CHECKPOINT",
     "SMOOTH_WINDOW",
+    "Checkpoint",
     "YbRoad",
     "YbRoadResult",
     "best_layer",
-    "save_ybroad",
     "smooth_series",
-    "write_ybroad",
     "ybroad",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Finished layers of an interrupted run, kept in the bundle's staging folder (removed on success).
-CHECKPOINT = ".ybroad-checkpoint.json"
 #: Default moving-average window of the plot's smoothed curve (layers).
 SMOOTH_WINDOW = 5
 SPACES = ("pixel", "model")
@@ -195,6 +188,9 @@ class YbRoad:
 class YbRoadResult:
     """ybROAD of one image for one or more methods, from one capture.
 
+    Its files (``save``) and notebook display are attached by :mod:`camanim.outputs`
+    (:mod:`camanim.outputs.ybroad`).
+
     Attributes:
         explanation: the :class:`~camanim.explanation.Explanation` whose maps were scored.
         results: per method, its :class:`YbRoad`.
@@ -222,16 +218,8 @@ class YbRoadResult:
     stats: dict[str, float] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
 
-    def _repr_html_(self) -> str:
-        """The ybROAD plot and summary table, for Jupyter."""
-        from camanim.outputs.report import ybroad_html
-
-        return ybroad_html(self)
-
     def __getitem__(self, method: str) -> YbRoad:
         if method not in self.results:
-            from camanim.errors import UnknownNameError
-
             raise UnknownNameError("method", method, list(self.results))
         return self.results[method]
 
@@ -294,23 +282,6 @@ class YbRoadResult:
             "timings": dict(self.timings),
         }
 
-    def save(
-        self,
-        out: str | os.PathLike[str],
-        *,
-        force: bool = False,
-        command: str = "",
-        smooth: int = SMOOTH_WINDOW,
-    ) -> Path:
-        """Write a bundle: explanation basics (no overlays) plus the ybROAD files (:func:`write_ybroad`)."""
-        from camanim.outputs.explanation import write_explanation
-
-        with open_bundle(out, force=force, command=command) as bundle:
-            write_explanation(self.explanation, bundle, overlays=False)
-            bundle.manifest.pop("overlays", None)
-            write_ybroad(self, bundle, smooth=smooth)
-        return bundle.root
-
 
 # --------------------------------------------------------------------------------------------------------
 # Computation.
@@ -332,20 +303,17 @@ def _digest_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write the checkpoint atomically (JSON: Python floats round-trip exactly)."""
-    atomic_write_bytes(path, json.dumps(state).encode())
+class Checkpoint(Protocol):
+    """Where :func:`ybroad` keeps finished layers as they complete, so an interrupted run can resume
+    (:class:`camanim.outputs.ybroad.JsonCheckpoint` keeps them in a bundle's staging folder)."""
 
+    def load(self) -> Mapping[str, Any]:
+        """The state saved last, or an empty mapping."""
+        ...
 
-def _load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if state.get("fingerprint") != fingerprint:
-        log.warning("the interrupted run scored another image, target or setting: starting over")
-        return {}
-    return state
+    def save(self, state: Mapping[str, Any]) -> None:
+        """Keep ``state`` (JSON-ready: floats round-trip exactly)."""
+        ...
 
 
 def ybroad(
@@ -364,7 +332,7 @@ def ybroad(
     keep_nonspatial: bool = False,
     device: str | torch.device | None = None,
     explanation: Any = None,
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: Checkpoint | None = None,
     progress: ProgressCallback | None = None,
     optimize: bool | None = None,
 ) -> YbRoadResult:
@@ -402,9 +370,6 @@ def ybroad(
     Raises:
         RoadError: a batch of several images, an unknown imputation space, or bad percentages.
     """
-    from camanim.compute.models import DEFAULT_MODEL
-    from camanim.pipelines.explain import as_loaded, explain
-
     t0 = time.perf_counter()
     ps = check_percentages(percentages)
     if imputation_space not in SPACES:
@@ -445,8 +410,10 @@ def ybroad(
         "imputer": repr(imp),
         "imputation_space": space,
     }
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    saved = _load_checkpoint(ckpt, fingerprint) if ckpt is not None and ckpt.exists() else {}
+    saved = dict(checkpoint.load()) if checkpoint is not None else {}
+    if saved and saved.get("fingerprint") != fingerprint:
+        log.warning("the interrupted run scored another image, target or setting: starting over")
+        saved = {}
     rows: dict[str, Any] = dict(saved.get("rows", {}))
     saved_clean = saved.get("clean")
 
@@ -476,8 +443,8 @@ def ybroad(
         for i, mo, le in zip(positions, morf, lerf, strict=True):
             m, name, d = jobs[i]
             rows[f"{m}/{name}"] = {"map": d, "morf": mo.tolist(), "lerf": le.tolist()}
-        if ckpt is not None:
-            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "clean": clean, "rows": rows})
+        if checkpoint is not None:
+            checkpoint.save({"fingerprint": fingerprint, "clean": clean, "rows": rows})
 
     def on_progress(done: int, _total: int) -> None:
         if progress is not None:
@@ -562,151 +529,3 @@ def best_layer(
 # --------------------------------------------------------------------------------------------------------
 # Files.
 # --------------------------------------------------------------------------------------------------------
-
-
-def _fmt_p(p: float) -> str:
-    return f"{p:g}"
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([f"{v:.9g}" if isinstance(v, float) else v for v in row])
-    return buf.getvalue()
-
-
-def ybroad_csv(res: YbRoadResult) -> str:
-    """``ybroad.csv``: one row per method and layer."""
-    ps = [_fmt_p(p) for p in res.percentages]
-    header = ["method", "position", "index", "name", "road"]
-    header += [f"morf_{p}" for p in ps] + [f"lerf_{p}" for p in ps] + [f"removed_{p}" for p in ps]
-    rows = []
-    for m, r in res.results.items():
-        for i, (layer, v) in enumerate(zip(r.layers, r.road, strict=True)):
-            rows.append(
-                [m, i, layer.index, layer.name, float(v)]
-                + [float(a) for a in r.morf[i]]
-                + [float(a) for a in r.lerf[i]]
-                + [float(a) for a in r.removed]
-            )
-    return _csv_text(header, rows)
-
-
-def summary_csv(res: YbRoadResult) -> str:
-    """``summary.csv``: Table 2's columns, one row per method."""
-    rows = res.summary_rows()
-    header = list(rows[0]) if rows else []
-    return _csv_text(header, [list(r.values()) for r in rows])
-
-
-def plot_ybroad(res: YbRoadResult, path: str | os.PathLike[str], *, smooth: int = SMOOTH_WINDOW) -> None:
-    """``ybroad.png``: ROAD against layer index per method, raw and smoothed, best and final layer marked."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 4.2), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
-    colours = [f"C{i}" for i in range(10)]
-    for k, (m, r) in enumerate(res.results.items()):
-        col = colours[k % len(colours)]
-        xs = np.array([layer.index for layer in r.layers])
-        ax.plot(xs, r.road, color=col, lw=0.8, alpha=0.4, marker=".", ms=3, label=f"{m} (raw)")
-        if smooth > 1 and len(r) > 2:
-            ax.plot(xs, r.smoothed(smooth), color=col, lw=2.0, label=f"{m} (moving average, {smooth} layers)")
-        b, f = r.best_position, r.final_position
-        ax.plot(xs[b], r.road[b], marker="*", ms=14, color=col, mec="k", ls="none")
-        ax.annotate(
-            f"max {r.max:.3f}\n{r.best_layer.name}", (xs[b], r.road[b]), textcoords="offset points",
-            xytext=(6, 6), fontsize=7, color=col,
-        )  # fmt: skip
-        ax.plot(xs[f], r.road[f], marker="D", ms=8, color=col, mec="k", ls="none")
-        ax.annotate(
-            f"final {r.final:.3f}", (xs[f], r.road[f]), textcoords="offset points", xytext=(-60, -14),
-            fontsize=7, color=col,
-        )  # fmt: skip
-        ax.axhline(r.mean, color=col, lw=0.8, ls="--", alpha=0.7)
-    ax.axhline(0.0, color="0.5", lw=0.6)
-    ax.margins(x=0.04, y=0.2)
-    ax.set_xlabel("layer index (forward order)")
-    ax.set_ylabel("ROAD")
-    ax.set_title(
-        f"ybROAD: {res.model_name}, {res.image_name}, target {res.target_name!r} "
-        f"(p = {', '.join(_fmt_p(p) for p in res.percentages)} %)",
-        fontsize=9,
-    )
-    ax.legend(fontsize=7, loc="best")
-    ax.text(
-        0.99, 0.01, "star: max ybROAD; diamond: final layer; dashed: mean", transform=ax.transAxes,
-        ha="right", va="bottom", fontsize=7, color="0.3",
-    )  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def write_ybroad(
-    res: YbRoadResult, bundle: Bundle, *, smooth: int = SMOOTH_WINDOW, plot: bool = True
-) -> None:
-    """Write ``ybroad.csv``, ``ybroad.json``, ``ybroad.png``, ``summary.csv`` and the manifest's ``road``."""
-    bundle.write_text("ybroad.csv", ybroad_csv(res), "ROAD per method and layer")
-    summary = res.describe()
-    summary["smoothing"] = {"plot_only": True, "moving_average_layers": smooth}
-    bundle.write_json("ybroad.json", summary, "ybROAD summary per method")
-    bundle.write_text("summary.csv", summary_csv(res), "Table 2 columns per method")
-    if plot:
-        plot_ybroad(res, bundle.file("ybroad.png", "ybROAD plot"), smooth=smooth)
-    bundle.manifest["road"] = {
-        **summary,
-        "files": {"table": "ybroad.csv", "summary": "ybroad.json", "table2": "summary.csv"}
-        | ({"plot": "ybroad.png"} if plot else {}),
-        "results": {f"{m}/{name}": v for m, r in res.results.items() for name, v in r.as_dict().items()},
-        "resumed": res.resumed,
-    }
-
-
-def save_ybroad(
-    model: Any,
-    image: Any,
-    out: str | os.PathLike[str],
-    *,
-    force: bool = False,
-    resume: bool = False,
-    command: str = "",
-    smooth: int = SMOOTH_WINDOW,
-    **kwargs: Any,
-) -> tuple[YbRoadResult, Path]:
-    """Run :func:`ybroad` into a bundle at ``out``, resumably.
-
-    Finished layers are checkpointed in the staging folder (``.NAME.partial/`` + :data:`CHECKPOINT`) as
-    they complete; after an interruption the staging folder is kept and ``resume=True`` scores only the
-    missing layers (the same numbers as an uninterrupted run: noise depends on the mask, not the order).
-
-    Args:
-        model, image: as :func:`ybroad`.
-        out: bundle folder.
-        force: replace an existing non-empty folder.
-        resume: continue an interrupted run.
-        command: the command line recorded in the manifest.
-        smooth: moving-average window of the plot.
-        **kwargs: passed to :func:`ybroad`.
-
-    Returns:
-        ``(result, bundle path)``.
-    """
-    from camanim.outputs.explanation import write_explanation
-
-    with open_bundle(out, force=force, resume=resume, resumable=True, command=command) as bundle:
-        ckpt = bundle.path / CHECKPOINT
-        if not resume:
-            with contextlib.suppress(FileNotFoundError):
-                ckpt.unlink()
-        res = ybroad(model, image, checkpoint=ckpt, **kwargs)
-        write_explanation(res.explanation, bundle, overlays=False)
-        bundle.manifest.pop("overlays", None)
-        write_ybroad(res, bundle, smooth=smooth)
-        with contextlib.suppress(FileNotFoundError):
-            ckpt.unlink()
-    return res, bundle.root
