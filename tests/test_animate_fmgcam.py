@@ -12,16 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from camanim import animation as animation_mod
-from camanim.animation import Animation, animate
 from camanim.compute.fusion import FusionError, fmgcam_sweep, fuse
 from camanim.compute.models import Preprocessing, wrap_model
 from camanim.compute.normalize import Range
 from camanim.compute.resize import resize_maps
 from camanim.errors import CamanimError
+from camanim.outputs import animation as animation_mod
+from camanim.outputs.animation import animate
 from camanim.outputs.bundle import staging_path
 from camanim.outputs.fmgcam import class_colors, fused_overlay
 from camanim.outputs.video import count_frames
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import explain
 
 from .conftest import CountingCNN, TinyCNN

@@ -12,15 +12,17 @@ import torch
 from torch import nn
 
 import camanim
-from camanim import animation as animation_mod
-from camanim.animation import PERCENTILES, Animation, animate
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
 from camanim.compute.normalize import Range, map_range, normalize
 from camanim.errors import BundleExistsError, CamanimError
+from camanim.outputs import animation as animation_mod
+from camanim.outputs.animation import animate
+from camanim.outputs.animation.figures import PERCENTILES
 from camanim.outputs.bundle import staging_path
 from camanim.outputs.render import colormap_lut
 from camanim.outputs.video import count_frames, read_frames
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import Explanation, explain
 
 from .conftest import CountingCNN, TinyCNN

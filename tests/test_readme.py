@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import camanim.animation
 import camanim.cli
 import camanim.comparison
 import camanim.compute.models
+import camanim.pipelines.animate
 import camanim.pipelines.explain
 import camanim.pipelines.ybroad
 from camanim.compute.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from camanim.animation import Animation
 from camanim.cli import main
 from camanim.compute.models import wrap_model
 from camanim.compute.normalize import Range
@@ -29,6 +28,7 @@ from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report import render_report, write_report
 from camanim.outputs.report import tiles as T
 from camanim.outputs.ybroad import write_ybroad
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import explain
 from camanim.pipelines.ybroad import ybroad
 from tests.conftest import TinyCNN, synthetic_batch

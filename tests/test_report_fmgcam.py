@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from camanim.animation import Animation, animate
 from camanim.compute.fusion import fmgcam_sweep
+from camanim.outputs.animation import animate
 from camanim.outputs.fmgcam import fused_overlay
 from camanim.outputs.report import render_report, write_report
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
 from tests.conftest import TinyCNN, synthetic_batch
 from tests.test_report import _artifacts, _json_block, browser  # noqa: F401 (browser: a fixture)

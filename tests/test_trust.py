@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import camanim.animation
 import camanim.cli.commands
+import camanim.pipelines.animate
 from camanim.cli import main
 from camanim.compute.models import Preprocessing, wrap_model
 from camanim.errors import BundleExistsError, OutputError
@@ -169,7 +169,9 @@ def test_interrupt_while_writing_the_report_publishes_nothing_and_resume_finishe
     stage = staging_path(out)
     assert not out.exists() and (stage / STAGING_MARK).is_file() and (stage / "maps.npz").is_file()
     monkeypatch.setattr(camanim.cli.commands, "write_report", write_report)
-    monkeypatch.setattr(camanim.animation, "explain", lambda *a, **k: pytest.fail("the model ran again"))
+    monkeypatch.setattr(
+        camanim.pipelines.animate, "explain", lambda *a, **k: pytest.fail("the model ran again")
+    )
     assert main([*args, "--resume"]) == 0
     manifest = assert_complete(out)
     assert "report.html" in manifest["files"] and (out / "report.html").stat().st_size > 0

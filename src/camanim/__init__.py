@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _compat.install()  # old module paths (camanim.explanation, camanim.road...) keep working, with a warning
 
 _LAZY = {
-    "animate": "camanim.animation",
-    "Animation": "camanim.animation",
+    "animate": "camanim.outputs.animation",
+    "Animation": "camanim.pipelines.animate",
     "explain": "camanim.pipelines.explain",
     "Explanation": "camanim.pipelines.explain",
     "load_model": "camanim.compute.models",
@@ -58,14 +58,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from camanim.animation import Animation, animate
     from camanim.comparison import Comparison, compare
     from camanim.compute.images import load_image
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
     from camanim.compute.metrics.road import road_scores
     from camanim.compute.models import load_model
+    from camanim.outputs.animation import animate
     from camanim.outputs.report import write_report
+    from camanim.pipelines.animate import Animation
     from camanim.pipelines.explain import Explanation, explain
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
     from camanim.pipelines.ybroad import YbRoadResult, ybroad

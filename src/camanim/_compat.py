@@ -19,12 +19,29 @@ from typing import Any
 
 #: old module -> the new modules its names now live in, searched in this order.
 MOVED: dict[str, tuple[str, ...]] = {
+    "camanim.animation": (
+        "camanim.outputs.animation",
+        "camanim.pipelines.animate",
+        "camanim.outputs.animation.figures",
+        "camanim.outputs.animation.resume",
+        "camanim.outputs.animation.frames",
+    ),
     "camanim.bundle": ("camanim.outputs.bundle",),
     "camanim.capture": ("camanim.compute.capture",),
     "camanim.devices": ("camanim.compute.devices",),
     "camanim.explanation": (
         "camanim.pipelines.explain",
         "camanim.outputs.explanation",
+    ),
+    "camanim.figures": ("camanim.outputs.animation.figures",),
+    "camanim.frames": (
+        "camanim.outputs.animation.frames",
+        "camanim.pipelines.animate",
+        "camanim.compute.resize",
+    ),
+    "camanim.fused_frames": (
+        "camanim.pipelines.animate",
+        "camanim.outputs.animation.fused",
     ),
     "camanim.images": ("camanim.compute.images",),
     "camanim.layers": ("camanim.compute.layers",),
@@ -51,6 +68,10 @@ MOVED: dict[str, tuple[str, ...]] = {
     "camanim.report.source": ("camanim.outputs.report.source",),
     "camanim.report.tiles": ("camanim.outputs.report.tiles",),
     "camanim.report.viewer": ("camanim.outputs.report.viewer",),
+    "camanim.resume": (
+        "camanim.outputs.animation.resume",
+        "camanim.pipelines.animate",
+    ),
     "camanim.road": (
         "camanim.pipelines.ybroad",
         "camanim.outputs.ybroad",

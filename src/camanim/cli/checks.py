@@ -6,7 +6,6 @@ import argparse
 import datetime as _dt
 from pathlib import Path
 
-from camanim.animation import check_animation_options
 from camanim.comparison import read_road_source
 from camanim.compute.devices import resolve_device
 from camanim.compute.fusion import check_base
@@ -14,9 +13,10 @@ from camanim.compute.images import load_image
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
 from camanim.errors import OptionError
-from camanim.fused_frames import fused_options
+from camanim.outputs.animation import parse_formats
 from camanim.outputs.bundle import check_output, read_manifest
 from camanim.outputs.report import check_report_path
+from camanim.pipelines.animate import check_animation_options, fused_options
 from camanim.study.store import check_study_folder, is_study_dir
 
 
@@ -47,9 +47,9 @@ def check(args: argparse.Namespace) -> None:
         check_animation_options(
             norm=getattr(args, "norm", "local,global"),
             layout=getattr(args, "layout", "side-by-side"),
-            formats=getattr(args, "formats", "mp4"),
             cmap=getattr(args, "cmap", "jet"),
         )
+        parse_formats(getattr(args, "formats", "mp4"))
     elif command in ("explain", "road", "compare", "study"):
         parse_methods(args.methods)
     if command == "fmgcam":

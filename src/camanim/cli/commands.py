@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from camanim.animation import animate
 from camanim.cli.checks import is_best
 from camanim.comparison import check_road_source, compare
 from camanim.compute.layers import list_layers
@@ -21,6 +20,7 @@ from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
 from camanim.compute.models import load_model
 from camanim.errors import CamanimError
+from camanim.outputs.animation import animate
 from camanim.outputs.bundle import REPORT, open_bundle
 from camanim.outputs.explanation import save_explanation, write_explanation
 from camanim.outputs.report import write_report

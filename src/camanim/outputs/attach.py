@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from camanim.outputs import animation as an
 from camanim.outputs import fmgcam as fm
 from camanim.outputs import ybroad as yb
+from camanim.outputs.animation import figures as afig
+from camanim.outputs.animation import frames as afr
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report.notebook import explanation_html, ybroad_html
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import Explanation
 from camanim.pipelines.fmgcam import FMGCAMResult
 from camanim.pipelines.ybroad import YbRoadResult
@@ -46,6 +50,25 @@ def attach() -> None:
     FMGCAMResult.save = fm.save_result
     YbRoadResult.save = yb.save_result
     YbRoadResult._repr_html_ = _ybroad_html
+    Animation.overlays = afr.overlays
+    Animation.target_text = afr.target_text
+    Animation.caption = afr.caption
+    Animation.frames = afr.render
+    Animation._composers = afr.composers
+    Animation.frame = _animation_frame
+    Animation.strip = afig.strip
+    Animation.layer_table = afig.layer_table
+    Animation.layer_csv = afig.layer_csv
+    Animation.params_png = afig.params_png
+    Animation.describe = an.describe_animation
+    Animation.save = an.save_animation
+    Animation.video_html = an.video_html
+    Animation._repr_html_ = an.animation_display_html
+
+
+def _animation_frame(self: Animation, position: int, method: str | None = None, layout: str | None = None):
+    """Render the single frame at ``position`` (negative counts from the end): ``(Hf, Wf, 3)`` uint8."""
+    return next(afr.render(self, method, layout, [position]))
 
 
 def _ybroad_html(self: YbRoadResult) -> str:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from camanim.compute.normalize import Range
-from camanim.fused_frames import FMGCAM, NORMALISATION, upsample_fused
+from camanim.outputs.animation.fused import NORMALISATION
 from camanim.outputs.report.source import Source, dig
+from camanim.pipelines.animate import FMGCAM, upsample_fused
 
 __all__ = ["FMGCAM", "Fusion", "fmgcam_tiles", "fused_maps", "fusion_of", "legend", "local_ranges"]
 
@@ -195,7 +196,7 @@ def fmgcam_tiles(
         Per chunk of frames, ``{norm: (n, h, w, 3) uint8}``.
     """
     from camanim.compute.resize import shrink
-    from camanim.frames import fused_tiles
+    from camanim.outputs.animation.frames import fused_tiles
 
     for start in range(0, len(fused), per_sheet):
         stop = min(len(fused), start + per_sheet)

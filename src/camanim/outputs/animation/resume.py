@@ -21,13 +21,12 @@ An interrupted run continues in two steps:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,12 +37,10 @@ from camanim.compute.models import Preprocessing
 from camanim.outputs.bundle import Bundle, staging_path
 from camanim.outputs.explanation import write_explanation
 from camanim.outputs.render import save_png
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import Explanation, describe
 
-if TYPE_CHECKING:
-    from camanim.animation import Animation
-
-__all__ = ["STATE_FILE", "fingerprint_of", "load_staged", "matches_staged", "stage_explanation"]
+__all__ = ["STATE_FILE", "load_staged", "matches_staged", "stage_explanation"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,39 +57,6 @@ _INPUT_ROLE = "the picture the model saw"
 
 def _input_pngs(batch: int) -> list[str]:
     return ["input.png"] if batch == 1 else [f"input_s{b}.png" for b in range(batch)]
-
-
-def _hash_arrays(h: Any, arrays: Sequence[np.ndarray]) -> None:
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.data)
-
-
-def fingerprint_of(anim: Animation) -> str:
-    """A SHA-1 hex digest of everything the videos depend on (input, maps, targets, layers, render settings)."""
-    ex = anim.explanation
-    h = hashlib.sha1()
-    _hash_arrays(h, [ex.input.numpy()])
-    for m in anim.methods if anim.fusion is None else (anim.fusion.base,):
-        _hash_arrays(h, [ex.maps[m][layer.name].numpy() for layer in anim.layers])
-    settings = {
-        "methods": anim.methods,
-        "layers": [layer.name for layer in anim.layers],
-        "targets": ex.targets,
-        "sample": anim.sample,
-        "norms": anim.norms,
-        "cmap": anim.cmap,
-        "size": anim.size,
-        "alpha": anim.alpha,
-        "fps": anim.fps,
-        "road": anim.road,
-        "style": repr(anim.style),
-    }
-    if anim.fusion is not None:
-        settings["fmgcam"] = [anim.fusion.base, anim.fusion.activation, anim.fusion.norm]
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ save

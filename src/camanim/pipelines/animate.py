@@ -13,14 +13,10 @@ Both start from the method's raw map after its ReLU, bilinearly upsampled to the
 before its "global" step, which made its global videos identical to its local ones).
 
 ``methods="fmgcam"`` animates FM-G-CAM, the top-K classes fused into one map per layer, one hue per class
-(:mod:`camanim.fused_frames`: its ranges, legend and the treatment of ELU/GELU negatives).
+(:func:`fused_options`: its ranges, legend and the treatment of ELU/GELU negatives).
 
-This module holds :class:`Animation` (its ranges and normalisation, the bundle writer) and :func:`animate`.
-The rest lives beside it: :mod:`camanim.frames` renders the frames of every layout (vectorised: all layers
-of one native size upsampled in one call, normalised and coloured as arrays, a
-:class:`~camanim.render.FrameComposer` built once per video); :mod:`camanim.figures` makes ``strip.png``,
-``params.png`` and ``layers.csv``; :mod:`camanim.resume` stages what an interrupted save needs to go on.
-Frames stream into ffmpeg (:mod:`camanim.video`).
+This module holds :class:`Animation` (its ranges and normalisation) and :func:`animate`. Frames, figures,
+the bundle and resuming are :mod:`camanim.outputs.animation`.
 
 Example:
     >>> import camanim
@@ -32,45 +28,37 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import html
+import hashlib
+import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from camanim import figures, frames
+from camanim.compute.fusion import ACTIVATIONS, FusionError, check_base
 from camanim.compute.layers import Layer, LayerSpec
+from camanim.compute.methods import method_class
 from camanim.compute.models import DEFAULT_MODEL, LoadedModel
 from camanim.compute.normalize import Range
-from camanim.compute.resize import shrink
+from camanim.compute.resize import shrink, upsample_by_size
 from camanim.errors import CamanimError, OptionError, UnknownNameError
-from camanim.figures import PERCENTILES, Strip
-from camanim.frames import CHUNK, LAYOUTS, method_stack, normalize_stack, raw_stack, resolve_positions
-from camanim.fused_frames import FMGCAM, describe_fusion, fused_options
-from camanim.outputs.bundle import Bundle, open_bundle
-from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut
-from camanim.outputs.video import FORMATS, default_fps, open_writer
-from camanim.pipelines.explain import Explanation, as_loaded, explain, prepare_input
+from camanim.pipelines.explain import Explanation, as_loaded, explain
 from camanim.pipelines.fmgcam import FMGCAMResult
-from camanim.resume import STATE_FILE as STATE_FILE
-from camanim.resume import fingerprint_of, load_staged, matches_staged, stage_explanation
 
-__all__ = ["LAYOUTS", "NORMS", "PERCENTILES", "Animation", "LayerStats", "Strip", "animate"]
+__all__ = ["LAYOUTS", "NORMS", "Animation", "FusedOptions", "LayerStats", "animate", "fused_options"]
 
 logger = logging.getLogger(__name__)
 
 NORMS = ("local", "global", "global-all")
-ProgressCallback = Callable[[int, int, str], None]
+LAYOUTS = ("side-by-side", "local", "global", "grid")
+#: Layers upsampled at once: bounds memory to ~25 MB per method at 224x224.
+CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -95,9 +83,6 @@ class LayerStats:
         return Range(self.min, self.max)
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-
 def _parse_choice(value: str | Sequence[str], choices: Sequence[str], kind: str) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     out: list[str] = []
@@ -117,25 +102,35 @@ def check_animation_options(
     *,
     norm: str | Sequence[str] = ("local", "global"),
     layout: str | Sequence[str] = "side-by-side",
-    formats: str | Sequence[str] = ("mp4",),
     cmap: str = "jet",
     size: int | tuple[int, int] | None = None,
     fps: int | None = None,
 ) -> None:
-    """Check an animation's rendering options before any model runs (the same parsers as the renderer).
+    """Check an animation's options before any model runs (the same parsers as the animation itself; the
+    video formats are checked by :func:`camanim.outputs.animation.save_animation`).
 
     Raises:
-        UnknownNameError: an unknown normalisation, layout, video format or colour map.
+        UnknownNameError: an unknown normalisation, layout or colour map.
         OptionError: an empty list, a tile size under 8 pixels or a frame rate under 1.
     """
     _parse_choice(norm, NORMS, "normalisation")
     _parse_choice(layout, LAYOUTS, "layout")
-    _parse_choice(formats, FORMATS, "video format")
-    colormap_lut(cmap)
+    check_colormap(cmap)
     if size is not None:
-        frames.tile_size(size, (224, 224))
+        tile_size(size, (224, 224))
     if fps is not None and not int(fps) >= 1:
         raise OptionError(f"fps must be at least 1, got {fps}")
+
+
+def check_colormap(name: str) -> str:
+    """``name`` when matplotlib has a colour map of that name (case-sensitive).
+
+    Raises:
+        UnknownNameError: no such colour map; the message lists close matches.
+    """
+    if name not in matplotlib.colormaps:
+        raise UnknownNameError("colour map", name, sorted(matplotlib.colormaps))
+    return name
 
 
 def skip_reason(layer: Layer) -> str | None:
@@ -165,14 +160,206 @@ def _layer_stats(
     return tuple(out)
 
 
-# ---------------------------------------------------------------------------------------------- Animation
+# ------------------------------------------------------------------------------------------ FM-G-CAM
+
+
+#: The method name that asks an animation for FM-G-CAM frames.
+FMGCAM = "fmgcam"
+DEFAULT_K = 3
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """What an FM-G-CAM animation asks for.
+
+    Attributes:
+        k: number of classes fused (the top K) when the animation runs the model.
+        base: the base method's registry name.
+        activation: Eq 6's activation: ``"relu"``, ``"elu"`` or ``"gelu"``.
+    """
+
+    k: int
+    base: str
+    activation: str
+
+    def request(self) -> dict[str, Any]:
+        """The entries recorded in an animation's request (and compared when resuming)."""
+        return {"top_k": self.k, "base": self.base, "activation": self.activation}
+
+
+def _names(methods: str | Sequence[str] | None) -> list[str]:
+    if methods is None:
+        return []
+    items = methods.split(",") if isinstance(methods, str) else [str(m) for m in methods]
+    return [m.strip() for m in items if m.strip()]
+
+
+def fused_options(
+    methods: str | Sequence[str] | None,
+    *,
+    top_k: int | None = None,
+    base: str | None = None,
+    activation: str | None = None,
+    target: Any = None,
+) -> FusedOptions | None:
+    """Check an animation's methods and FM-G-CAM options; needs no model, so callers fail early.
+
+    Args:
+        methods: the methods asked for (comma-separated or a list).
+        top_k, base, activation: FM-G-CAM options; None takes the default (3, ``"gradcam"``, ``"relu"``).
+        target: the class asked for (must be None with ``fmgcam``).
+
+    Returns:
+        The FM-G-CAM options when ``methods`` is ``"fmgcam"``, else None (ordinary methods).
+
+    Raises:
+        FusionError: ``fmgcam`` mixed with other methods, with a target, ``k < 1``, a base method that is
+            not class-discriminative, or FM-G-CAM options given without ``fmgcam``.
+        UnknownNameError: an unknown activation or base method.
+    """
+    names = _names(methods)
+    if FMGCAM not in names:
+        given = [
+            o for o, v in (("top_k", top_k), ("base", base), ("activation", activation)) if v is not None
+        ]
+        if given:
+            raise FusionError(
+                f"{', '.join(given)} (--top-k, --base, --activation) apply only to the method {FMGCAM!r}"
+            )
+        return None
+    if len(names) > 1:
+        others = [n for n in names if n != FMGCAM]
+        raise FusionError(
+            f"{FMGCAM!r} cannot be mixed with other methods ({', '.join(others)}) in one animation: it fuses "
+            f"the top-K classes of a K-class capture while the others explain one class; animate {FMGCAM!r} "
+            "alone and the other methods in a second run"
+        )
+    if target is not None:
+        raise FusionError(
+            f"a target does not apply to {FMGCAM!r}: it fuses the top-K classes (set K with top_k)"
+        )
+    if top_k is not None and int(top_k) < 1:
+        raise FusionError(f"top_k must be at least 1, got {top_k}")
+    activation = activation or "relu"
+    if activation not in ACTIVATIONS:
+        raise UnknownNameError("activation", activation, ACTIVATIONS)
+    return FusedOptions(DEFAULT_K if top_k is None else int(top_k), check_base(base or "gradcam"), activation)
+
+
+def upsample_fused(fused: Sequence[Tensor], size: tuple[int, int]) -> np.ndarray:
+    """Fused maps as the frames scale and draw them (the report's viewer draws its tiles from this too).
+
+    Args:
+        fused: ``n`` fused maps ``(K, h, w)`` (:func:`~camanim.methods.fused.fuse`), native sizes may differ.
+        size: ``(H, W)``, the input size.
+
+    Returns:
+        ``(n, K, H, W)`` float32: each map upsampled bilinearly, then clamped at 0 (see the module docstring).
+    """
+    out = upsample_by_size(list(fused), size)
+    np.maximum(out, 0.0, out=out)
+    return out
+
+
+def fused_stack(result: FMGCAMResult, layers: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """:func:`upsample_fused` of the fused maps of ``layers`` (``result.fused[layer]`` is ``(K, h, w)``):
+    ``(n, K, H, W)`` float32."""
+    return upsample_fused([result.fused[name] for name in layers], size)
+
+
+def tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H, W)`` of a tile in pixels: ``size`` as the longer side (aspect ratio of ``in_hw`` kept), an
+    explicit ``(H, W)``, or ``in_hw`` itself when None."""
+    if size is None:
+        return in_hw
+    if isinstance(size, int):
+        if size < 8:
+            raise OptionError(f"tile size must be at least 8 pixels, got {size}")
+        scale = size / max(in_hw)
+        return max(1, round(in_hw[0] * scale)), max(1, round(in_hw[1] * scale))
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise OptionError(f"tile size must be positive, got {size}")
+    return h, w
+
+
+def normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:
+    """:func:`camanim.normalize.normalize` of each map of ``(N, H, W)`` (or ``(N, K, H, W)``) by its own range.
+
+    ``nan_safe=False`` skips the NaN pass when the caller's colour lookup treats NaN as 0 anyway."""
+    axes = (-1,) + (1,) * (stack.ndim - 1)
+    lo = np.array([r.low for r in ranges], np.float32).reshape(axes)
+    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32).reshape(axes)
+    out = stack - lo
+    out *= inv
+    np.clip(out, 0.0, 1.0, out=out)
+    if nan_safe:
+        np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
+def _upsampled_stack(
+    ex: Explanation, method: str, layers: Sequence[Layer], positions: Sequence[int], sample: int
+) -> np.ndarray:
+    """Maps of ``layers[positions]`` after the method's ReLU, upsampled to the input size.
+
+    Maps sharing a native size go through one ``resize_maps`` call; each result equals
+    ``ex.upsampled(method, layer)[sample]`` exactly (same interpolation, one plane at a time).
+
+    Returns:
+        ``(n, H_in, W_in)`` float32.
+    """
+    maps = [ex.maps[method][layers[p].name][sample] for p in positions]
+    return upsample_by_size(maps, tuple(ex.input.shape[-2:]), relu=method_class(method).relu)
+
+
+def method_stack(
+    ex: Explanation,
+    fusion: FMGCAMResult | None,
+    method: str,
+    layers: Sequence[Layer],
+    positions: Sequence[int],
+    sample: int,
+) -> np.ndarray:
+    """What normalisation scales: the maps of ``layers[positions]`` after the method's ReLU, upsampled to the
+    input size, ``(n, H_in, W_in)`` float32 in the method's raw units; with ``fusion`` the fused maps
+    ``(n, K, H_in, W_in)`` (:func:`fused_stack`)."""
+    if fusion is not None:
+        return fused_stack(fusion, [layers[p].name for p in positions], tuple(ex.input.shape[-2:]))
+    return _upsampled_stack(ex, method, layers, positions, sample)
+
+
+def raw_stack(anim: Animation, method: str, positions: Sequence[int]) -> np.ndarray:
+    """:func:`method_stack` of the animation's frames at ``positions``."""
+    return method_stack(anim.explanation, anim.fusion, method, anim.layers, positions, anim.sample)
+
+
+def resolve_positions(n: int, positions: Sequence[int] | slice | None) -> list[int]:
+    """Frame positions as a list of indices into ``n`` frames: all when None, a slice, or indices (negative
+    counts from the end).
+
+    Raises:
+        IndexError: a position outside ``-n..n-1``.
+    """
+    if positions is None:
+        return list(range(n))
+    if isinstance(positions, slice):
+        return list(range(n))[positions]
+    out = [int(p) + (n if int(p) < 0 else 0) for p in positions]
+    bad = [p for p in out if not 0 <= p < n]
+    if bad:
+        raise IndexError(f"frame positions {bad} out of range 0..{n - 1}")
+    return out
 
 
 @dataclass(frozen=True)
 class Animation:
-    """A CAManim animation of one explanation: ranges, frames, strip figure, layer table and bundle writer.
+    """A CAManim animation of one explanation: what every frame shows and the range it is scaled by.
 
     Build it with :func:`animate` or :meth:`from_explanation`; nothing is rendered until frames are asked for.
+    Rendering (``frames``, ``frame``, ``overlays``, ``caption``, ``strip``, ``layer_csv``, ``params_png``), the
+    manifest section (``describe``), writing (``save``) and notebook display are attached by
+    :mod:`camanim.outputs` (:mod:`camanim.outputs.animation`).
 
     Attributes:
         explanation: the raw maps (one capture for every method and layer).
@@ -191,10 +378,10 @@ class Animation:
         global_all: the range over all methods and layers.
         road: optional per-method ROAD score per kept layer (ybROAD); drawn as a running curve.
         fps: frames per second of saved videos (default: about 10 s per video).
-        style: frame look.
+        style: frame look (a :class:`camanim.outputs.render.FrameStyle`; None: the default).
         request: what produced the explanation (model, image, methods, layers, target), used by ``reuse``.
         fusion: with ``methods == ("fmgcam",)``, FM-G-CAM of the explanation (a top-K capture): its fused
-            ``(K, h, w)`` map per layer, classes and colours (see :mod:`camanim.fused_frames`); else None.
+            ``(K, h, w)`` map per layer, classes and colours (see :func:`fused_options`); else None.
     """
 
     explanation: Explanation = field(repr=False)
@@ -212,7 +399,7 @@ class Animation:
     global_all: Range
     road: Mapping[str, tuple[float, ...]] | None = field(default=None, repr=False)
     fps: int = 10
-    style: FrameStyle = field(default_factory=FrameStyle, repr=False)
+    style: Any = field(default=None, repr=False)
     request: Mapping[str, Any] | None = field(default=None, repr=False)
     fusion: FMGCAMResult | None = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -233,7 +420,7 @@ class Animation:
         alpha: float = 0.5,
         road: Mapping[str, Sequence[float]] | None = None,
         fps: int | None = None,
-        style: FrameStyle | None = None,
+        style: Any = None,
         request: Mapping[str, Any] | None = None,
         base: str | None = None,
         activation: str | None = None,
@@ -254,7 +441,7 @@ class Animation:
             road: per method, one ROAD score per kept layer (NaN for missing), shown in captions and as a
                 running curve in the progress strip.
             fps: frames per second for saved videos; default plays the animation in about 10 s.
-            style: frame look (:class:`~camanim.render.FrameStyle`).
+            style: frame look (:class:`camanim.outputs.render.FrameStyle`; None: the default).
             request: description of what produced ``ex`` (recorded, and compared by ``reuse``).
             base, activation: FM-G-CAM's base method (default ``"gradcam"``) and activation (default
                 ``"relu"``); only with ``methods="fmgcam"``.
@@ -277,12 +464,12 @@ class Animation:
         )
         norms = _parse_choice(norm, NORMS, "normalisation")
         layouts = _parse_choice(layout, LAYOUTS, "layout")
-        colormap_lut(cmap)  # fail early on an unknown colour map
+        check_colormap(cmap)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise OptionError(f"alpha must be in [0, 1], got {alpha}")
         b = ex.input.shape[0]
         if not 0 <= sample < b:
-            raise ValueError(f"sample must be in 0..{b - 1}, got {sample}")
+            raise OptionError(f"sample must be in 0..{b - 1}, got {sample}")
         layers = tuple(ex.chosen)
         if not layers:
             raise CamanimError("the explanation has no layer to animate")
@@ -317,7 +504,7 @@ class Animation:
             norms=norms,
             layouts=layouts,
             cmap=cmap,
-            size=frames.tile_size(size, in_hw),
+            size=tile_size(size, in_hw),
             sample=sample,
             alpha=float(alpha),
             stats=stats,
@@ -325,7 +512,7 @@ class Animation:
             global_all=Range(min(r.low for r in granges.values()), max(r.high for r in granges.values())),
             road=road_t,
             fps=int(fps) if fps else default_fps(len(layers)),
-            style=style or FrameStyle(),
+            style=style,
             request=dict(request) if request is not None else None,
             fusion=fusion,
         )
@@ -358,8 +545,6 @@ class Animation:
         own = ("flat",) if self.stats[method][position].flat else ()
         return own + tuple(f for f in extra if f != "flat")
 
-    # ------------------------------------------------------------------------------------- rendering
-
     def normalized(
         self,
         method: str,
@@ -383,49 +568,6 @@ class Animation:
         stack = shrink(raw_stack(self, method, pos), size or self.size)
         return normalize_stack(stack, [self.range_for(method, norm, p) for p in pos])
 
-    def overlays(
-        self,
-        method: str,
-        norm: str = "local",
-        positions: Sequence[int] | slice | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> np.ndarray:
-        """The coloured maps over the image, as the tiles of the frames: ``(n, H, W, 3)`` uint8."""
-        return frames.overlays(self, method, norm, positions, size)
-
-    def target_text(self) -> str:
-        """``"target <name> (p=<probability>)"`` of the animated sample (FM-G-CAM: its K classes' summary)."""
-        return frames.target_text(self)
-
-    def caption(self, method: str | None, position: int) -> list[str]:
-        """Caption lines of frame ``position``: layer index/total and name; module type and native map size;
-        method(s), target class and probability; flags and ROAD (:func:`camanim.frames.caption`)."""
-        return frames.caption(self, method, position)
-
-    def _composers(self, method: str | None, layout: str) -> list[tuple[str, FrameComposer]]:
-        """One composer per video row (:func:`camanim.frames.composers`)."""
-        return frames.composers(self, method, layout)
-
-    def frames(
-        self, method: str | None = None, layout: str | None = None, positions: Sequence[int] | None = None
-    ) -> Iterator[np.ndarray]:
-        """Render frames one by one, in forward order.
-
-        Args:
-            method: an animated method (default the first); ignored by the ``"grid"`` layout.
-            layout: ``"side-by-side"``, ``"local"``, ``"global"`` or ``"grid"`` (default the first of
-                ``layouts``).
-            positions: frame positions to render (default all).
-
-        Yields:
-            ``(Hf, Wf, 3)`` uint8 RGB frames of one fixed, even size.
-        """
-        return frames.render(self, method, layout, positions)
-
-    def frame(self, position: int, method: str | None = None, layout: str | None = None) -> np.ndarray:
-        """Render the single frame at ``position`` (negative counts from the end)."""
-        return next(self.frames(method, layout, [position]))
-
     def videos(self) -> list[tuple[str | None, str]]:
         """``(method, layout)`` of every video :meth:`save` writes (method None for the grid)."""
         out: list[tuple[str | None, str]] = []
@@ -442,274 +584,86 @@ class Animation:
         stem = f"{method}_{layout}" if method else layout
         return f"{stem}_frames" if fmt == "frames" else f"{stem}.{fmt}"
 
-    # ---------------------------------------------------------------------------------- figures
-
-    def strip(self, tile: int = 112) -> Strip:
-        """The strip figure: layers at depth 0, 10, ..., 100 %, one row per method and normalisation.
-
-        Args:
-            tile: tile size in pixels (longer side).
-
-        Returns:
-            A :class:`Strip`; its ``image`` has 11 columns per row.
-        """
-        return figures.strip(self, tile)
-
-    def layer_table(self) -> list[dict[str, Any]]:
-        """One row per layer of ``layers.csv`` (columns: :func:`camanim.figures.layer_table`)."""
-        return figures.layer_table(self)
-
-    def layer_csv(self) -> str:
-        """:meth:`layer_table` as CSV text."""
-        return figures.layer_csv(self)
-
-    def params_png(self, dpi: int = 110) -> bytes:
-        """The parameters of each kept layer on a log scale (paper Fig 3), as PNG bytes (matplotlib)."""
-        return figures.params_png(self, dpi)
-
-    # -------------------------------------------------------------------------------------- saving
-
     def fingerprint(self) -> str:
         """A hash of everything the videos depend on (input, maps, targets, layers, render settings)."""
         if "fingerprint" not in self._cache:
             self._cache["fingerprint"] = fingerprint_of(self)
         return self._cache["fingerprint"]
 
-    def describe(self) -> dict[str, Any]:
-        """The manifest's ``animation`` section: settings, ranges per method and per frame, skipped layers."""
-        return {
-            "methods": list(self.methods),
-            "norms": list(self.norms),
-            "layouts": list(self.layouts),
-            "colormap": self.cmap,
-            "alpha": self.alpha,
-            "tile_size": list(self.size),
-            "sample": self.sample,
-            "fps": self.fps,
-            "frames": len(self.layers),
-            "normalisation": (
-                "maps after the method's ReLU, bilinearly upsampled to the input size; local: each layer's "
-                "own min/max; global: min/max over all kept layers of the method; global-all: over all methods"
-            ),
-            "global_ranges": {m: [r.low, r.high] for m, r in self.global_ranges.items()},
-            "global_all_range": [self.global_all.low, self.global_all.high],
-            "per_frame": [
-                {
-                    "frame": p,
-                    "layer": layer.name,
-                    "index": layer.index,
-                    "ranges": {
-                        m: {nm: [self.range_for(m, nm, p).low, self.range_for(m, nm, p).high] for nm in NORMS}
-                        for m in self.methods
-                    },
-                    "flags": {m: list(self.flags(m, p)) for m in self.methods if self.flags(m, p)},
-                }
-                for p, layer in enumerate(self.layers)
-            ],
-            "skipped": [{"index": la.index, "name": la.name, "reason": r} for la, r in self.skipped],
-            "road": {m: list(v) for m, v in self.road.items()} if self.road else None,
-            "fmgcam": describe_fusion(self.fusion) if self.fusion is not None else None,
-            "fingerprint": self.fingerprint(),
-        }
 
-    def save(
-        self,
-        out: str | os.PathLike[str],
-        *,
-        formats: str | Sequence[str] = ("mp4",),
-        fps: int | None = None,
-        force: bool = False,
-        resume: bool = False,
-        progress: bool | ProgressCallback = False,
-        extras: bool = True,
-        command: str = "",
-        also: Callable[[Bundle], None] | None = None,
-        finalize: Callable[[Bundle], None] | None = None,
-    ) -> Path:
-        """Write the animation bundle.
+def default_fps(n_frames: int, target_seconds: float = 10.0, lo: int = 2, hi: int = 30) -> int:
+    """Frame rate that plays ``n_frames`` in about ``target_seconds``, clamped to ``[lo, hi]``.
 
-        Contents: ``manifest.json`` (written last; sections of :func:`camanim.explanation.describe` plus
-        ``animation``), ``input.npy``, ``maps.npz`` (raw maps), ``input.png``, the videos
-        (``<method>_<layout>.mp4``/``.gif`` or ``<method>_<layout>_frames/``; the grid is ``grid.*``),
-        ``strip.png``, ``layers.csv`` and ``params.png``.
+    A 150-layer network gives 15 fps (10 s); an 8-layer AlexNet plays at ``lo`` fps so each layer stays
+    readable.
 
-        Args:
-            out: bundle folder.
-            formats: any of ``"mp4"``, ``"gif"`` (~25x slower to encode, ~40x larger), ``"frames"``.
-            fps: frames per second (default :attr:`fps`).
-            force: replace an existing non-empty folder (once the new bundle is complete).
-            resume: continue an interrupted run (its staging folder ``.NAME.partial``): videos already
-                there are kept when they were rendered from the same maps and settings.
-            progress: True draws a progress bar (rich) on stderr; a callable gets
-                ``(frames done, frames total, current file)``.
-            extras: write ``strip.png``, ``layers.csv`` and ``params.png``.
-            command: the command line recorded in the manifest.
-            also: writes more artifacts into the same bundle before its manifest (e.g. ybROAD files).
-            finalize: writes files derived from the staged bundle and its manifest (``report.html``) before
-                it is published (see :func:`camanim.bundle.open_bundle`).
-
-        Returns:
-            The bundle's path.
-
-        Raises:
-            BundleExistsError: ``out`` exists and is not empty, and neither ``force`` nor ``resume`` is given.
-        """
-        fmts = _parse_choice(formats, FORMATS, "video format")
-        fps = int(fps) if fps else self.fps
-        if fps != self.fps:
-            return dataclasses.replace(self, fps=fps, _cache={}).save(
-                out,
-                formats=fmts,
-                force=force,
-                resume=resume,
-                progress=progress,
-                extras=extras,
-                command=command,
-                also=also,
-                finalize=finalize,
-            )
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        with open_bundle(
-            out, force=force, resume=resume, resumable=True, command=command, finalize=finalize
-        ) as bundle:
-            same = resume and matches_staged(self, bundle.path)
-            t = time.perf_counter()
-            stage_explanation(self, bundle, keep=same)
-            bundle.manifest.pop("overlays", None)
-            timings["explanation_files"] = time.perf_counter() - t
-            jobs = [(m, lay) for m, lay in self.videos()]
-            todo = []
-            written = []
-            for m, lay in jobs:
-                rels = [self.video_name(m, lay, f) for f in fmts]
-                for rel, f in zip(rels, fmts, strict=True):
-                    bundle.file(rel, f"{f} video")
-                    written.append(
-                        {"file": rel, "method": m, "layout": lay, "format": f, "frames": len(self)}
-                    )
-                need = [
-                    (rel, f) for rel, f in zip(rels, fmts, strict=True) if not (same and bundle.exists(rel))
-                ]
-                kept = [rel for rel in rels if rel not in {r for r, _ in need}]
-                if kept:
-                    logger.info("kept from the earlier run: %s", ", ".join(kept))
-                if need:
-                    todo.append((m, lay, need))
-            t = time.perf_counter()
-            self._encode(bundle, todo, fps, progress)
-            timings["render_encode"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if extras:
-                figures.write_figures(self, bundle, skip_existing=same)
-            if also is not None:
-                also(bundle)
-            timings["extras"] = time.perf_counter() - t
-            bundle.manifest["animation"] = self.describe() | {
-                "fps": fps,
-                "videos": written,
-                "frames_rendered": len(todo) * len(self),
-                "strip": (
-                    {"file": "strip.png", "percentiles": list(PERCENTILES), "columns": len(PERCENTILES)}
-                    if extras
-                    else None
-                ),
-                "table": "layers.csv" if extras else None,
-                "params_plot": "params.png" if extras else None,
-                "timings": timings | {"total": time.perf_counter() - t0},
-            }
-            bundle.manifest.setdefault("timings", {})["animation"] = time.perf_counter() - t0
-        self._cache["last_timings"] = timings
-        return bundle.root
-
-    def _encode(
-        self,
-        bundle: Bundle,
-        todo: Sequence[tuple[str | None, str, Sequence[tuple[str, str]]]],
-        fps: int,
-        progress: bool | ProgressCallback,
-    ) -> None:
-        total = len(todo) * len(self)
-        bar = _ProgressBar(total) if progress is True else None
-        callback = progress if callable(progress) else None
-        done = 0
-        try:
-            for m, lay, need in todo:
-                writers = []
-                try:
-                    for rel, f in need:
-                        writers.append(open_writer(bundle.path / rel, fps, f))  # type: ignore[arg-type]
-                    for frame in self.frames(m, lay):
-                        for w in writers:
-                            w.write(frame)
-                        done += 1
-                        if bar is not None:
-                            bar.advance(need[0][0])
-                        if callback is not None:
-                            callback(done, total, need[0][0])
-                    for w in writers:
-                        w.close()
-                except BaseException:
-                    for w in writers:
-                        w.abort()
-                    raise
-        finally:
-            if bar is not None:
-                bar.close()
-
-    # -------------------------------------------------------------------------------------- notebook
-
-    def _repr_html_(self) -> str:
-        """The interactive report viewer (layer slider, method selector, local/global) for Jupyter."""
-        if "html" not in self._cache:
-            from camanim.outputs.report import animation_html
-
-            self._cache["html"] = animation_html(self)
-        return self._cache["html"]
-
-    def video_html(self) -> str:
-        """An inline HTML5 video (base64 MP4) of the first layout of the first method."""
-        method, layout = self.videos()[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "anim.mp4"
-            with open_writer(path, self.fps, "mp4") as w:
-                for frame in self.frames(method, layout):
-                    w.write(frame)
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-        label = f"CAManim: {method or ', '.join(self.methods)} · {layout} · {len(self)} layers"
-        return (
-            f'<figure style="margin:0"><video controls loop autoplay muted playsinline '
-            f'src="data:video/mp4;base64,{data}"></video><figcaption>{html.escape(label)}</figcaption></figure>'
-        )
+    Args:
+        n_frames: Number of frames (layers).
+        target_seconds: Desired duration in seconds.
+        lo: Slowest rate in frames per second.
+        hi: Fastest rate in frames per second.
+    """
+    if target_seconds <= 0 or lo < 1 or hi < lo:
+        raise ValueError(f"need target_seconds > 0 and 1 <= lo <= hi, got {target_seconds}, {lo}, {hi}")
+    return int(min(hi, max(lo, round(n_frames / target_seconds))))
 
 
-# ------------------------------------------------------------------------------------------- progress
+def _hash_arrays(h: Any, arrays: Sequence[np.ndarray]) -> None:
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.data)
 
 
-class _ProgressBar:
-    """A rich progress bar over frames, on stderr."""
+def fingerprint_of(anim: Animation) -> str:
+    """A SHA-1 hex digest of everything the videos depend on (input, maps, targets, layers, render settings)."""
+    ex = anim.explanation
+    h = hashlib.sha1()
+    _hash_arrays(h, [ex.input.numpy()])
+    for m in anim.methods if anim.fusion is None else (anim.fusion.base,):
+        _hash_arrays(h, [ex.maps[m][layer.name].numpy() for layer in anim.layers])
+    settings = {
+        "methods": anim.methods,
+        "layers": [layer.name for layer in anim.layers],
+        "targets": ex.targets,
+        "sample": anim.sample,
+        "norms": anim.norms,
+        "cmap": anim.cmap,
+        "size": anim.size,
+        "alpha": anim.alpha,
+        "fps": anim.fps,
+        "road": anim.road,
+        "style": repr(anim.style),
+    }
+    if anim.fusion is not None:
+        settings["fmgcam"] = [anim.fusion.base, anim.fusion.activation, anim.fusion.norm]
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
-    def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self._task = self._p.add_task("rendering", total=total)
-        self._p.start()
-
-    def advance(self, label: str) -> None:
-        self._p.update(self._task, advance=1, description=label)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-# ---------------------------------------------------------------------------------------------- animate
+def animation_request(
+    lm: LoadedModel,
+    *,
+    methods: str | Sequence[str],
+    layers: LayerSpec,
+    target: Any,
+    score: str,
+    keep_nonspatial: bool,
+    fused: FusedOptions | None,
+) -> dict[str, Any]:
+    """What an animation asks of the model (recorded in the bundle and compared when a run resumes)."""
+    request = {
+        "model": lm.name,
+        "weights": lm.weights,
+        "methods": methods if isinstance(methods, str) else list(methods),
+        "layers": layers if isinstance(layers, (str, int)) or layers is None else repr(layers),
+        "target": target if target is None or isinstance(target, (str, int)) else list(target),
+        "score": score,
+        "keep_nonspatial": keep_nonspatial,
+    }
+    if fused is not None:
+        request |= fused.request()
+    return request
 
 
 def animate(
@@ -729,9 +683,9 @@ def animate(
     sample: int = 0,
     score: str = "logit",
     fps: int | None = None,
-    style: FrameStyle | None = None,
+    style: Any = None,
     device: str | torch.device | None = None,
-    reuse: str | os.PathLike[str] | None = None,
+    explanation: Explanation | None = None,
     top_k: int | None = None,
     base: str | None = None,
     activation: str | None = None,
@@ -758,9 +712,9 @@ def animate(
         fps: frames per second of saved videos; default plays in about 10 s.
         style: frame look.
         device: where to run the model.
-        reuse: a bundle folder of an interrupted (or finished) run: its raw maps are loaded instead of
-            running the model when they were made with the same model, weights, image, methods, layers,
-            target and score.
+        explanation: the raw maps to animate, already computed for this request (e.g. read back from an
+            interrupted run's bundle by :func:`camanim.outputs.animation.animate` with ``reuse``); the
+            model is then not run.
         top_k, base, activation: FM-G-CAM only: number of classes (default 3), base method (default
             ``"gradcam"``) and Eq 6's activation (``"relu"``, the default, ``"elu"`` or ``"gelu"``).
 
@@ -772,31 +726,17 @@ def animate(
     """
     fused = fused_options(methods, top_k=top_k, base=base, activation=activation, target=target)
     check_animation_options(norm=norm, layout=layout, cmap=cmap, size=size, fps=fps)  # before the model runs
-    k = None if fused is None else fused.k
     lm = as_loaded(model, device)
-    request = {
-        "model": lm.name,
-        "weights": lm.weights,
-        "methods": methods if isinstance(methods, str) else list(methods),
-        "layers": layers if isinstance(layers, (str, int)) or layers is None else repr(layers),
-        "target": target if target is None or isinstance(target, (str, int)) else list(target),
-        "score": score,
-        "keep_nonspatial": keep_nonspatial,
-    }
-    if fused is not None:
-        request |= fused.request()
-    ex = None
-    if reuse is not None:
-        x, _, _ = prepare_input(image, lm)
-        if k is not None:  # a top-K explanation holds one row per class, each the same image
-            x = x.expand(k, *x.shape[1:])
-        ex = load_staged(reuse, request, x)
-        if ex is not None:
-            logger.info("reusing the raw maps in %s: the model is not run", reuse)
+    request = animation_request(
+        lm, methods=methods, layers=layers, target=target, score=score, keep_nonspatial=keep_nonspatial,
+        fused=fused,
+    )  # fmt: skip
+    ex = explanation
     if ex is None:
         ex = explain(
             lm, image, methods=methods if fused is None else fused.base, layers=layers, target=target,
-            top_k=k, score=score, keep_nonspatial=keep_nonspatial, device=device,
+            top_k=None if fused is None else fused.k, score=score, keep_nonspatial=keep_nonspatial,
+            device=device,
         )  # fmt: skip
     return Animation.from_explanation(
         ex,

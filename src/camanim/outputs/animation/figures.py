@@ -13,17 +13,18 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from camanim.compute.resize import shrink
-from camanim.frames import colour, map_size_text, raw_stack, tile_size
+from camanim.outputs.animation.frames import colour, map_size_text, style_of
 from camanim.outputs.bundle import Bundle
+from camanim.outputs.fmgcam import with_legend
 from camanim.outputs.render import grid, save_png
-
-if TYPE_CHECKING:
-    from camanim.animation import Animation
+from camanim.pipelines.animate import Animation, raw_stack, tile_size
 
 __all__ = ["PERCENTILES", "Strip", "layer_csv", "layer_table", "params_png", "strip", "write_figures"]
 
@@ -80,10 +81,10 @@ def strip(anim: Animation, tile: int = 112) -> Strip:
         row_titles=labels,
         col_titles=[f"{p}% · #{q + 1}" for p, q in zip(PERCENTILES, positions, strict=True)],
         title=title,
-        style=anim.style,
+        style=style_of(anim),
     )
     if anim.fusion is not None:
-        image = anim.fusion.with_legend(image, font_size=anim.style.font_size)
+        image = with_legend(anim.fusion, image, font_size=style_of(anim).font_size)
     return Strip(
         image=image,
         percentiles=PERCENTILES,
@@ -153,9 +154,6 @@ def layer_csv(anim: Animation) -> str:
 
 def params_png(anim: Animation, dpi: int = 110) -> bytes:
     """The parameters of each kept layer on a log scale (paper Fig 3), as PNG bytes (matplotlib)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     params = np.array([layer.params for layer in anim.layers], np.float64)
     types = [layer.type for layer in anim.layers]
     x = np.arange(1, len(params) + 1)

@@ -1,15 +1,15 @@
 """Frame rendering of a CAManim animation: one frame per kept layer, for every layout.
 
-The layouts (:data:`LAYOUTS`): ``"side-by-side"`` (one tile per normalisation of the animation),
-``"local"``, ``"global"`` (one tile), and ``"grid"`` (one row of tiles per method, captions under the last).
+The layouts (:data:`~camanim.pipelines.animate.LAYOUTS`): ``"side-by-side"`` (one tile per normalisation of
+the animation), ``"local"``, ``"global"`` (one tile), and ``"grid"`` (one row of tiles per method, captions
+under the last).
 
-Rendering is vectorised, a chunk of :data:`CHUNK` layers at a time: the maps of one native size are upsampled
-in one call (:func:`method_stack`), resized to the tile size (:func:`shrink`), scaled by each tile's range
-(:func:`normalize_stack`) and coloured over the image (:func:`colour`); a
-:class:`~camanim.render.FrameComposer` built once per video (:func:`composers`) adds the titles, caption,
-colour bars and progress strip. The ranges come from the animation
-(:meth:`~camanim.animation.Animation.range_for`); FM-G-CAM frames draw each class in its hue with a legend
-instead of colour bars (:mod:`camanim.fused_frames`).
+Rendering is vectorised, a chunk of :data:`~camanim.pipelines.animate.CHUNK` layers at a time: the maps of
+one native size are upsampled in one call (:func:`~camanim.pipelines.animate.method_stack`), resized to the
+tile size, scaled by each tile's range (:func:`~camanim.pipelines.animate.normalize_stack`) and coloured
+over the image (:func:`colour`); a :class:`~camanim.outputs.render.FrameComposer` built once per video
+(:func:`composers`) adds the titles, caption, colour bars and progress strip. FM-G-CAM frames draw each
+class in its hue with a legend instead of colour bars (:mod:`camanim.outputs.animation.fused`).
 """
 
 from __future__ import annotations
@@ -17,30 +17,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from camanim.compute.layers import Layer
-from camanim.compute.methods import method_class
 from camanim.compute.normalize import Range
-from camanim.compute.resize import shrink, upsample_by_size
-from camanim.errors import OptionError, UnknownNameError
-from camanim.fused_frames import LegendComposer, fused_stack
+from camanim.compute.resize import shrink
+from camanim.errors import UnknownNameError
+from camanim.outputs.animation.fused import LegendComposer
 from camanim.outputs.fmgcam import blend_classes
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch
-from camanim.pipelines.explain import Explanation
-from camanim.pipelines.fmgcam import FMGCAMResult
+from camanim.pipelines.animate import (
+    CHUNK,
+    LAYOUTS,
+    Animation,
+    normalize_stack,
+    raw_stack,
+    resolve_positions,
+)
 
-if TYPE_CHECKING:
-    from camanim.animation import Animation
-
-__all__ = ["CHUNK", "LAYOUTS", "caption", "composers", "method_stack", "render", "tile_size"]
-
-LAYOUTS = ("side-by-side", "local", "global", "grid")
-#: Layers upsampled at once while rendering: bounds memory to ~25 MB per method at 224x224.
-CHUNK = 128
+__all__ = ["caption", "composers", "overlays", "render", "style_of"]
 
 _TITLES = {
     "local": "local: layer min-max",
@@ -50,95 +47,12 @@ _TITLES = {
 _SHORT = {"local": "local", "global": "global", "global-all": "global (all methods)"}
 
 
-# ----------------------------------------------------------------------------------------------- arrays
-
-
-def tile_size(size: int | tuple[int, int] | None, in_hw: tuple[int, int]) -> tuple[int, int]:
-    """The ``(H, W)`` of a tile in pixels: ``size`` as the longer side (aspect ratio of ``in_hw`` kept), an
-    explicit ``(H, W)``, or ``in_hw`` itself when None."""
-    if size is None:
-        return in_hw
-    if isinstance(size, int):
-        if size < 8:
-            raise OptionError(f"tile size must be at least 8 pixels, got {size}")
-        scale = size / max(in_hw)
-        return max(1, round(in_hw[0] * scale)), max(1, round(in_hw[1] * scale))
-    h, w = int(size[0]), int(size[1])
-    if h < 1 or w < 1:
-        raise OptionError(f"tile size must be positive, got {size}")
-    return h, w
-
-
-def normalize_stack(stack: np.ndarray, ranges: Sequence[Range], nan_safe: bool = True) -> np.ndarray:
-    """:func:`camanim.normalize.normalize` of each map of ``(N, H, W)`` (or ``(N, K, H, W)``) by its own range.
-
-    ``nan_safe=False`` skips the NaN pass when the caller's colour lookup treats NaN as 0 anyway."""
-    axes = (-1,) + (1,) * (stack.ndim - 1)
-    lo = np.array([r.low for r in ranges], np.float32).reshape(axes)
-    inv = np.array([0.0 if r.is_flat() else 1.0 / r.span for r in ranges], np.float32).reshape(axes)
-    out = stack - lo
-    out *= inv
-    np.clip(out, 0.0, 1.0, out=out)
-    if nan_safe:
-        np.nan_to_num(out, copy=False, nan=0.0)
-    return out
-
-
-def _upsampled_stack(
-    ex: Explanation, method: str, layers: Sequence[Layer], positions: Sequence[int], sample: int
-) -> np.ndarray:
-    """Maps of ``layers[positions]`` after the method's ReLU, upsampled to the input size.
-
-    Maps sharing a native size go through one ``resize_maps`` call; each result equals
-    ``ex.upsampled(method, layer)[sample]`` exactly (same interpolation, one plane at a time).
-
-    Returns:
-        ``(n, H_in, W_in)`` float32.
-    """
-    maps = [ex.maps[method][layers[p].name][sample] for p in positions]
-    return upsample_by_size(maps, tuple(ex.input.shape[-2:]), relu=method_class(method).relu)
-
-
-def method_stack(
-    ex: Explanation,
-    fusion: FMGCAMResult | None,
-    method: str,
-    layers: Sequence[Layer],
-    positions: Sequence[int],
-    sample: int,
-) -> np.ndarray:
-    """What normalisation scales: the maps of ``layers[positions]`` after the method's ReLU, upsampled to the
-    input size, ``(n, H_in, W_in)`` float32 in the method's raw units; with ``fusion`` the fused maps
-    ``(n, K, H_in, W_in)`` (:func:`camanim.fused_frames.fused_stack`)."""
-    if fusion is not None:
-        return fused_stack(fusion, [layers[p].name for p in positions], tuple(ex.input.shape[-2:]))
-    return _upsampled_stack(ex, method, layers, positions, sample)
-
-
-def raw_stack(anim: Animation, method: str, positions: Sequence[int]) -> np.ndarray:
-    """:func:`method_stack` of the animation's frames at ``positions``."""
-    return method_stack(anim.explanation, anim.fusion, method, anim.layers, positions, anim.sample)
-
-
-def resolve_positions(n: int, positions: Sequence[int] | slice | None) -> list[int]:
-    """Frame positions as a list of indices into ``n`` frames: all when None, a slice, or indices (negative
-    counts from the end).
-
-    Raises:
-        IndexError: a position outside ``-n..n-1``.
-    """
-    if positions is None:
-        return list(range(n))
-    if isinstance(positions, slice):
-        return list(range(n))[positions]
-    out = [int(p) + (n if int(p) < 0 else 0) for p in positions]
-    bad = [p for p in out if not 0 <= p < n]
-    if bad:
-        raise IndexError(f"frame positions {bad} out of range 0..{n - 1}")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ tiles
+
+
+def style_of(anim: Animation) -> FrameStyle:
+    """The animation's frame look (:class:`~camanim.outputs.render.FrameStyle`; the default when None)."""
+    return anim.style if anim.style is not None else FrameStyle()
 
 
 def display(anim: Animation, size: tuple[int, int]) -> np.ndarray:
@@ -270,11 +184,13 @@ def composers(anim: Animation, method: str | None, layout: str) -> list[tuple[st
     if layout != "grid":
         assert method is not None
         titles = [f"{method} · {_TITLES[n]}" if len(norms) == 1 else _TITLES[n] for n in norms]
-        return [(method, composer(titles, _progress_curve(anim, method), anim.style))]
+        return [(method, composer(titles, _progress_curve(anim, method), style_of(anim)))]
     rows = []
     for r, m in enumerate(anim.methods):
         last = r == len(anim.methods) - 1
-        style = anim.style if last else dataclasses.replace(anim.style, caption_lines=0, progress=False)
+        style = (
+            style_of(anim) if last else dataclasses.replace(style_of(anim), caption_lines=0, progress=False)
+        )
         titles = [f"{m} · {_SHORT[n]}" for n in norms]
         rows.append((m, composer(titles, _progress_curve(anim, None) if last else None, style)))
     return rows
