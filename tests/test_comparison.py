@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import camanim
-from camanim.comparison import compare, conv_layers, load_road, select_conv_layers
 from camanim.compute.layers import list_layers
 from camanim.compute.normalize import normalize
+from camanim.outputs.compare import load_road
 from camanim.outputs.render import overlay
+from camanim.pipelines.compare import compare, conv_layers, select_conv_layers
 
 from .conftest import no_hooks
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import camanim.cli
-import camanim.comparison
 import camanim.compute.models
 import camanim.pipelines.animate
+import camanim.pipelines.compare
 import camanim.pipelines.explain
 import camanim.pipelines.ybroad
 from camanim.compute.models import Preprocessing, class_names_for, load_state_dict_into, wrap_model

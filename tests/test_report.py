@@ -60,8 +60,8 @@ def tiny() -> tuple[nn.Module, torch.Tensor]:
 @pytest.fixture(scope="module")
 def bundle(tiny, tmp_path_factory) -> tuple[Path, Animation, object]:
     """An animation bundle of a tiny CNN with ybROAD, a comparison grid and an FM-G-CAM figure added."""
-    from camanim.comparison import compare
     from camanim.outputs.render import save_png
+    from camanim.pipelines.compare import compare
     from camanim.pipelines.fmgcam import fmgcam
 
     model, x = tiny

@@ -245,7 +245,7 @@ def test_cli_road_writes_the_bundle(tmp_path):
     assert manifest["road"]["methods"]["gradcam"]["layers"] == 1
     assert json.loads((out / "ybroad.json").read_text())["percentages"] == [30.0, 70.0]
     assert not (out / ybroad_files.CHECKPOINT).exists()
-    from camanim.comparison import load_road
+    from camanim.outputs.compare import load_road
 
     assert len(load_road(out)) == 1  # the compare command reads the manifest's ROAD results
     assert main([*args, "--out", str(out), "--quiet"]) == 2  # exists: refused without --force

@@ -29,8 +29,8 @@ _LAZY = {
     "YbRoadResult": "camanim.pipelines.ybroad",
     "fmgcam": "camanim.pipelines.fmgcam",
     "FMGCAMResult": "camanim.pipelines.fmgcam",
-    "compare": "camanim.comparison",
-    "Comparison": "camanim.comparison",
+    "compare": "camanim.pipelines.compare",
+    "Comparison": "camanim.pipelines.compare",
     "write_report": "camanim.outputs.report",
     "run_study": "camanim.study",
 }
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from camanim.comparison import Comparison, compare
     from camanim.compute.images import load_image
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
@@ -67,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.outputs.animation import animate
     from camanim.outputs.report import write_report
     from camanim.pipelines.animate import Animation
+    from camanim.pipelines.compare import Comparison, compare
     from camanim.pipelines.explain import Explanation, explain
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
     from camanim.pipelines.ybroad import YbRoadResult, ybroad

@@ -28,6 +28,10 @@ MOVED: dict[str, tuple[str, ...]] = {
     ),
     "camanim.bundle": ("camanim.outputs.bundle",),
     "camanim.capture": ("camanim.compute.capture",),
+    "camanim.comparison": (
+        "camanim.pipelines.compare",
+        "camanim.outputs.compare",
+    ),
     "camanim.devices": ("camanim.compute.devices",),
     "camanim.explanation": (
         "camanim.pipelines.explain",

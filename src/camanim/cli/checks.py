@@ -6,7 +6,6 @@ import argparse
 import datetime as _dt
 from pathlib import Path
 
-from camanim.comparison import read_road_source
 from camanim.compute.devices import resolve_device
 from camanim.compute.fusion import check_base
 from camanim.compute.images import load_image
@@ -15,6 +14,7 @@ from camanim.compute.metrics.imputers import get_imputer
 from camanim.errors import OptionError
 from camanim.outputs.animation import parse_formats
 from camanim.outputs.bundle import check_output, read_manifest
+from camanim.outputs.compare import read_road_source
 from camanim.outputs.report import check_report_path
 from camanim.pipelines.animate import check_animation_options, fused_options
 from camanim.study.store import check_study_folder, is_study_dir

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from camanim.cli.checks import is_best
-from camanim.comparison import check_road_source, compare
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -22,9 +21,11 @@ from camanim.compute.models import load_model
 from camanim.errors import CamanimError
 from camanim.outputs.animation import animate
 from camanim.outputs.bundle import REPORT, open_bundle
+from camanim.outputs.compare import check_road_source
 from camanim.outputs.explanation import save_explanation, write_explanation
 from camanim.outputs.report import write_report
 from camanim.outputs.ybroad import save_ybroad, write_ybroad
+from camanim.pipelines.compare import compare
 from camanim.pipelines.explain import explain
 from camanim.pipelines.fmgcam import fmgcam
 from camanim.pipelines.ybroad import ybroad
@@ -202,7 +203,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "figure": "compare.png",
             "rows": list(cmp.methods),
             "columns": [layer.name for layer in cmp.layers],
-            "layer_choice": "among the convolution layers (camanim.comparison)",
+            "layer_choice": "among the convolution layers (camanim.pipelines.compare)",
             "norm": cmp.norm,
             "prediction": cmp.prediction,
             "road": {f"{m}/{lay}": v for (m, lay), v in cmp.road.items()},

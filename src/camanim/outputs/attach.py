@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from camanim.outputs import animation as an
+from camanim.outputs import compare as cmp
 from camanim.outputs import fmgcam as fm
 from camanim.outputs import ybroad as yb
 from camanim.outputs.animation import figures as afig
@@ -19,6 +20,7 @@ from camanim.outputs.animation import frames as afr
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report.notebook import explanation_html, ybroad_html
 from camanim.pipelines.animate import Animation
+from camanim.pipelines.compare import Comparison
 from camanim.pipelines.explain import Explanation
 from camanim.pipelines.fmgcam import FMGCAMResult
 from camanim.pipelines.ybroad import YbRoadResult
@@ -64,6 +66,13 @@ def attach() -> None:
     Animation.save = an.save_animation
     Animation.video_html = an.video_html
     Animation._repr_html_ = an.animation_display_html
+    Comparison.tiles = property(
+        cmp.tiles, doc="``tiles[(method, layer name)]``: each overlay, (H, W, 3) uint8."
+    )
+    Comparison.image = property(lambda c: cmp.grid_image(c)[0], doc="The whole grid (Hg, Wg, 3) uint8.")
+    Comparison.boxes = property(lambda c: cmp.grid_image(c)[1], doc="Each tile's (top, left, bottom, right).")
+    Comparison.figure = cmp.figure
+    Comparison.save = cmp.save
 
 
 def _animation_frame(self: Animation, position: int, method: str | None = None, layout: str | None = None):
