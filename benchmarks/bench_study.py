@@ -35,9 +35,9 @@ from PIL import Image
 from camanim.compute.images import load_image
 from camanim.compute.layers import default_layers, list_layers
 from camanim.compute.models import load_model
+from camanim.outputs.study.runner import run_study
+from camanim.pipelines.study.units import ModelSpec, Unit, list_images, parse_layers, unit_seed
 from camanim.pipelines.ybroad import ybroad
-from camanim.study import run_study
-from camanim.study.units import ModelSpec, Unit, list_images, parse_layers, unit_seed
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Studies"
@@ -105,9 +105,9 @@ def rates(r: dict) -> tuple[float, float]:
 
 def commit_cost(study_dir: Path, repeats: int = 30) -> float:
     """Seconds per :meth:`StudyStore.commit` of a real unit's rows (write, fsync, rename, two files)."""
-    from camanim.study import load_study
-    from camanim.study.store import StudyStore
-    from camanim.study.units import ImageItem, StudySettings, UnitOutcome
+    from camanim.outputs.study.runner import load_study
+    from camanim.outputs.study.store import StudyStore
+    from camanim.pipelines.study.units import ImageItem, StudySettings, UnitOutcome
 
     study = load_study(study_dir)
     uid = study.summary.column("unit")[0].as_py()

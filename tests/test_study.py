@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from camanim.compute.models import Preprocessing, wrap_model
-from camanim.study import load_study, run_study
-from camanim.study.units import (
+from camanim.outputs.study.runner import load_study, run_study
+from camanim.pipelines.study.units import (
     ModelSpec,
     StudyError,
     Unit,
@@ -233,8 +233,8 @@ def test_report_is_self_contained(reference):
 
 def test_same_numbers_as_ybroad(reference, inputs):
     """A stored row is what camanim.road.ybroad gives for that image, target and the unit's seed."""
+    from camanim.pipelines.study.units import build_model as build
     from camanim.pipelines.ybroad import ybroad
-    from camanim.study.units import build_model as build
 
     _, study = reference
     row = next(

@@ -32,7 +32,7 @@ _LAZY = {
     "compare": "camanim.pipelines.compare",
     "Comparison": "camanim.pipelines.compare",
     "write_report": "camanim.outputs.report",
-    "run_study": "camanim.study",
+    "run_study": "camanim.outputs.study.runner",
 }
 
 __all__ = [
@@ -65,12 +65,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.models import load_model
     from camanim.outputs.animation import animate
     from camanim.outputs.report import write_report
+    from camanim.outputs.study.runner import run_study
     from camanim.pipelines.animate import Animation
     from camanim.pipelines.compare import Comparison, compare
     from camanim.pipelines.explain import Explanation, explain
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
     from camanim.pipelines.ybroad import YbRoadResult, ybroad
-    from camanim.study import run_study
 
 
 def __getattr__(name: str) -> Any:

@@ -16,8 +16,8 @@ from camanim.outputs.animation import parse_formats
 from camanim.outputs.bundle import check_output, read_manifest
 from camanim.outputs.compare import read_road_source
 from camanim.outputs.report import check_report_path
+from camanim.outputs.study.store import check_study_folder, is_study_dir
 from camanim.pipelines.animate import check_animation_options, fused_options
-from camanim.study.store import check_study_folder, is_study_dir
 
 
 def check(args: argparse.Namespace) -> None:

@@ -24,12 +24,13 @@ from camanim.outputs.bundle import REPORT, open_bundle
 from camanim.outputs.compare import check_road_source
 from camanim.outputs.explanation import save_explanation, write_explanation
 from camanim.outputs.report import write_report
+from camanim.outputs.study.figures import write_study_report
+from camanim.outputs.study.store import is_study_dir
 from camanim.outputs.ybroad import save_ybroad, write_ybroad
 from camanim.pipelines.compare import compare
 from camanim.pipelines.explain import explain
 from camanim.pipelines.fmgcam import fmgcam
 from camanim.pipelines.ybroad import ybroad
-from camanim.study import is_study_dir, write_study_report
 
 logger = logging.getLogger("camanim")
 

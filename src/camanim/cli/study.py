@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from camanim.cli.options import int_at_least, non_empty, percentages
-from camanim.study.runner import run_study
+from camanim.outputs.study.runner import run_study
 
 DESCRIPTION = (
     "Run ybROAD over images x models x checkpoints x methods and store one row per layer in a Parquet "

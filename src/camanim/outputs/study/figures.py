@@ -200,7 +200,7 @@ def plot_epochs(stats: list[dict[str, Any]], folder: Path) -> list[tuple[Path, s
 
 def plot_study(study_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
     """Render every figure of a study into ``STUDY_DIR/figures``; returns ``(path, caption)`` pairs."""
-    from camanim.study.store import StudyStore
+    from camanim.outputs.study.store import StudyStore
 
     store = StudyStore(Path(study_dir))
     layers, summary = store.read_layers(), store.read_summary()
@@ -302,8 +302,8 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
     import jinja2
 
     from camanim.outputs.bundle import atomic_write_bytes
-    from camanim.study.store import StudyStore
-    from camanim.study.units import StudyError
+    from camanim.outputs.study.store import StudyStore
+    from camanim.pipelines.study.units import StudyError
 
     store = StudyStore(Path(study_dir))
     cfg = store.read_config()

@@ -33,7 +33,7 @@ from typing import Any
 
 from camanim.errors import CamanimError, MissingExtraError
 from camanim.outputs.bundle import _jsonable, atomic_write_bytes, refuse_protected, versions
-from camanim.study.units import StudyError, StudySettings, Unit, UnitOutcome, score_columns
+from camanim.pipelines.study.units import StudyError, StudySettings, Unit, UnitOutcome, score_columns
 
 log = logging.getLogger(__name__)
 

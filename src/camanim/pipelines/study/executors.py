@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from camanim.study.units import StudySettings, Unit, UnitOutcome, UnitRunner
+from camanim.pipelines.study.units import StudySettings, Unit, UnitOutcome, UnitRunner
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def make_executor(
     threads: int | None = None,
 ) -> Any:
     """The executor of ``backend`` (``"local"`` or ``"ray"``)."""
-    from camanim.study.units import StudyError
+    from camanim.pipelines.study.units import StudyError
 
     if backend == "local":
         if address:

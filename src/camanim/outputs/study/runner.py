@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from camanim.compute.metrics.road import DEFAULT_PERCENTAGES
-from camanim.study.store import StudyStore, pyarrow_modules
-from camanim.study.units import (
+from camanim.outputs.study.store import StudyStore, pyarrow_modules
+from camanim.pipelines.study.units import (
     ImageItem,
     ModelSpec,
     StudyError,
@@ -231,7 +231,7 @@ def run_study(
     restarts = 0
     try:
         if todo:
-            from camanim.study.executors import make_executor
+            from camanim.pipelines.study.executors import make_executor
 
             executor = make_executor(
                 backend, settings, workers=workers, address=address, device=device, threads=threads
@@ -277,7 +277,7 @@ def run_study(
         }
     )
     if figures:
-        from camanim.study.figures import write_study_report
+        from camanim.outputs.study.figures import write_study_report
 
         write_study_report(store.root)
     return StudyResult(
