@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 import camanim
+import camanim.compute.downloads as downloads
 import camanim.compute.models as models
 from camanim.compute.images import load_image
 from camanim.compute.layers import list_layers
@@ -376,15 +377,15 @@ def test_uncached_pretrained_weights_fail_fast_offline(offline, name):
 
 def test_cached_weights_are_not_probed(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-    monkeypatch.setattr(models, "_reachable", lambda *a, **k: pytest.fail("probed"))
+    monkeypatch.setattr(downloads, "reachable", lambda *a, **k: pytest.fail("probed"))
     url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-    source = models._hub_checkpoint_source(url)
+    source = downloads.hub_checkpoint_source(url)
     assert not source.cached
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")
-    source = models._hub_checkpoint_source(url)
+    source = downloads.hub_checkpoint_source(url)
     assert source.cached
-    models._require_download("torchvision:resnet18", source)  # no probe, no error
+    downloads.require_download("torchvision:resnet18", source)  # no probe, no error
 
 
 def test_reachable_probe():
@@ -392,9 +393,9 @@ def test_reachable_probe():
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert models._reachable(f"http://127.0.0.1:{port}/x", timeout=2)
+        assert downloads.reachable(f"http://127.0.0.1:{port}/x", timeout=2)
     t0 = time.perf_counter()
-    assert not models._reachable(f"http://127.0.0.1:{port}/x", timeout=2)  # closed now
+    assert not downloads.reachable(f"http://127.0.0.1:{port}/x", timeout=2)  # closed now
     assert time.perf_counter() - t0 < 2.5
 
 

@@ -220,7 +220,7 @@ def test_frame_bytes_budget() -> None:
 def test_notebook_displays(bundle) -> None:
     """Results display themselves: an explanation as an overlay grid, an animation as the report's viewer
     (in a sandboxed iframe), ybROAD as its plot."""
-    from camanim.outputs.report import animation_html, ybroad_html
+    from camanim.outputs.report.notebook import animation_html, ybroad_html
 
     _, anim, res = bundle
     ex = anim.explanation
@@ -367,7 +367,7 @@ def test_escaped_names_in_browser(browser, tmp_path) -> None:
 
 def test_notebook_viewer_in_browser(browser, bundle) -> None:
     """The animation's notebook display (a sandboxed iframe) runs the same viewer."""
-    from camanim.outputs.report import animation_html
+    from camanim.outputs.report.notebook import animation_html
 
     _, anim, _ = bundle
     page = browser.new_page()

@@ -214,7 +214,7 @@ def test_ordinary_report_has_no_legend(tiny, tmp_path) -> None:
 
 def test_in_memory_fmgcam_animation(fm_bundle) -> None:
     """The notebook display of an FM-G-CAM animation (nothing written) runs the same viewer."""
-    from camanim.outputs.report import animation_html
+    from camanim.outputs.report.notebook import animation_html
 
     _, anim = fm_bundle
     frame = animation_html(anim)

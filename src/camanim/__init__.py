@@ -9,8 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from camanim import _compat
-
-__version__ = "0.1.0"
+from camanim.version import __version__
 
 _compat.install()  # old module paths (camanim.explanation, camanim.road...) keep working, with a warning
 

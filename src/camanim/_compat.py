@@ -65,7 +65,10 @@ MOVED: dict[str, tuple[str, ...]] = {
         "camanim.outputs.render",
         "camanim.compute.resize",
     ),
-    "camanim.report": ("camanim.outputs.report",),
+    "camanim.report": (
+        "camanim.outputs.report",
+        "camanim.outputs.report.notebook",
+    ),
     "camanim.report.fused": ("camanim.outputs.report.fused",),
     "camanim.report.notebook": ("camanim.outputs.report.notebook",),
     "camanim.report.sections": ("camanim.outputs.report.sections",),
@@ -123,7 +126,8 @@ class _MovedModule(types.ModuleType):
         raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
 
     def __setattr__(self, attr: str, value: Any) -> None:
-        if attr.startswith("__"):
+        # The import system binds an old sub-module path (camanim.road.ybroad) to its parent: keep that here.
+        if attr.startswith("__") or isinstance(value, types.ModuleType):
             object.__setattr__(self, attr, value)
             return
         for module in self._modules():

@@ -23,17 +23,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
-import re
-import socket
-import threading
-import urllib.parse
-import urllib.request
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +33,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camanim.compute.checkpoints import load_state_dict_into
+from camanim.compute.downloads import (
+    hub_checkpoint_source,
+    require_download,
+    timm_weights_source,
+)
 from camanim.compute.targets import OutputSelector, OutputSpec
 from camanim.errors import ModelNotFoundError, ModelOutputError, WeightsError
 
@@ -348,310 +346,10 @@ def _resolve(name: str) -> tuple[str, str]:
     raise ModelNotFoundError(name, candidates)
 
 
-_ACCEPTED = (
-    "camanim reads a state dict saved with torch.save(model.state_dict(), PATH) (a mapping of parameter names "
-    "to tensors, possibly under 'state_dict', 'model' or 'model_state_dict')"
-)
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF87a", "a GIF image"),
-    (b"GIF89a", "a GIF image"),
-    (b"II*\x00", "a TIFF image"),
-    (b"MM\x00*", "a TIFF image"),
-    (b"%PDF-", "a PDF document"),
-    (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"),
-    (b"BZh", "a bzip2-compressed file (decompress it first)"),
-    (b"\xfd7zXZ\x00", "an xz-compressed file (decompress it first)"),
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
-    (b"\x93NUMPY", "a NumPy .npy array"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5 weights, for instance)"),
-)
-# torch.save(..., _use_new_zipfile_serialization=False) files start with this pickled magic number.
-_LEGACY_TORCH = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
-_PLAIN_PICKLE = "a Python pickle"
-
-
-def _looks_like_text(head: bytes) -> bool:
-    """Whether the first bytes of a file are (UTF-8) text."""
-    if not head or b"\x00" in head:
-        return False
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
-            return False
-        text = head[: exc.start].decode("utf-8")
-    return sum(c.isprintable() or c in "\t\r\n\f" for c in text) >= 0.95 * len(text)
-
-
-def _not_a_checkpoint(path: Path) -> str | None:
-    """What ``path`` is when its first bytes show it is no PyTorch checkpoint (``"a PNG image"``), else None.
-
-    A Python pickle not written by ``torch.save`` gives :data:`_PLAIN_PICKLE`.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        return "empty (0 bytes)"
-    with path.open("rb") as fh:
-        head = fh.read(4096)
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return what
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "a WebP image"
-    if head[:2] == b"BM" and len(head) >= 6 and int.from_bytes(head[2:6], "little") == size:
-        return "a BMP image"
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "a damaged ZIP archive (a truncated download?)"
-        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return None  # torch.save's archive format
-        if not names:
-            return "an empty ZIP archive"
-        if all(n.endswith(".npy") for n in names):
-            return "a NumPy .npz archive"
-        return (
-            f"a ZIP archive that is not a PyTorch checkpoint (it holds {len(names)} files, e.g. {names[0]!r})"
-        )
-    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return (
-            "a safetensors file (convert it in Python: from safetensors.torch import load_file; "
-            "torch.save(load_file(PATH), 'weights.pt'))"
-        )
-    if _looks_like_text(head):
-        first = head.decode("utf-8", "replace").strip().splitlines()
-        start = first[0][:60] if first else ""
-        return f"a text file (it starts with {start!r})" if start else "a text file holding only blank space"
-    if head.startswith(_LEGACY_TORCH):
-        return None  # torch.save's legacy format
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
-        return _PLAIN_PICKLE
-    return (
-        f"binary data of {size:,} bytes in no format camanim knows (its first bytes are {head[:8].hex(' ')})"
-    )
-
-
-def _unsafe_pickle_error(path: Path, exc: BaseException | None) -> WeightsError:
-    """The refusal of a file holding pickled Python objects, with how to convert it."""
-    refuse = (
-        "camanim refuses to unpickle them: unpickling can run arbitrary code, so checkpoints are only read "
-        "with torch.load(..., weights_only=True). If you trust the file, convert it once in Python"
-    )
-    if exc is None:  # a plain pickle, not written by torch.save
-        return WeightsError(
-            f"{str(path)!r} is a Python pickle, not a PyTorch checkpoint, and {refuse}: import pickle; "
-            "obj = pickle.load(open(PATH, 'rb')); torch.save({name: torch.as_tensor(v) for name, v in "
-            "obj.items()}, 'weights.pt'); then pass weights.pt. " + _ACCEPTED
-        )
-    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
-    what = f" ({', '.join(found)})" if found else ""
-    return WeightsError(
-        f"{str(path)!r} holds pickled Python objects{what}, such as a whole model saved with "
-        f"torch.save(model, PATH), and {refuse}, where the model's class can be imported: "
-        "obj = torch.load(PATH, weights_only=False); torch.save(obj.state_dict(), 'weights.pt') (a whole model) "
-        "or torch.save(obj['state_dict'], 'weights.pt') (a dict holding one); then pass weights.pt. "
-        + _ACCEPTED
-    )
-
-
-def _load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    path = Path(path)
-    if path.is_dir():
-        raise WeightsError(f"weights file {str(path)!r} is a directory; {_ACCEPTED}")
-    if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist")
-    try:
-        what = _not_a_checkpoint(path)
-    except OSError as exc:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {exc.strerror or exc}") from exc
-    if what == _PLAIN_PICKLE:
-        raise _unsafe_pickle_error(path, None)
-    if what is not None:
-        raise WeightsError(f"{str(path)!r} is not a PyTorch checkpoint: it is {what}. {_ACCEPTED}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Unsupported global" in text or "GLOBAL " in text or "Unsupported operand" in text:
-            raise _unsafe_pickle_error(path, exc) from exc
-        raise WeightsError(
-            f"{str(path)!r} is not a PyTorch checkpoint: torch cannot unpickle it. {_ACCEPTED}"
-        ) from exc
-    except Exception as exc:  # zip errors, truncated files, wrong format
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint (torch.load: {first}); it may be truncated or "
-            f"damaged. {_ACCEPTED}"
-        ) from exc
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        kind = type(obj).__name__
-        raise WeightsError(
-            f"{str(path)!r} holds a {kind}, not a state dict (a mapping of names to tensors); {_ACCEPTED}"
-        )
-    # Checkpoints saved from DataParallel / torch.compile carry a prefix on every key.
-    for prefix in ("module.", "_orig_mod."):
-        if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return obj
-
-
-def _head_size(state: Mapping[str, Tensor], own: Mapping[str, Tensor], wrong: Sequence[str]) -> int | None:
-    """The class count a checkpoint's head implies, when every shape mismatch is one of a classifier.
-
-    A classifier's weight ``(K, D)`` (or ``(K, C, 1, 1)``) and bias ``(K,)`` differ from the model's only
-    in their first dimension; the mismatches must agree on ``K``.
-    """
-    sizes = set()
-    for k in wrong:
-        a, b = state[k], own[k]
-        if a.dim() == 0 or a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
-            return None
-        sizes.add(int(a.shape[0]))
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def load_state_dict_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint's state dict into ``model`` strictly, with a readable error on mismatch."""
-    model = model.module if isinstance(model, OutputAdapter) else model
-    state = _load_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_keys = [k for k in own if k in state and state[k].shape != own[k].shape]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_keys]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint vs model)", wrong),
-        ):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        msg = f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts)
-        k = _head_size(state, own, wrong_keys) if wrong_keys else None
-        if k is not None:
-            msg += (
-                f". The checkpoint's classifier has {k} classes: build the model with --num-classes {k} "
-                f"(load_model(..., num_classes={k}))"
-            )
-        raise WeightsError(msg)
-    model.load_state_dict(state)
-
-
 def _network_error(name: str, exc: Exception) -> WeightsError:
     return WeightsError(
         f"could not download pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
         "Without a network use --weights none (random weights) or --checkpoint PATH (a state dict file)."
-    )
-
-
-PROBE_TIMEOUT_S = 2.0
-"""Seconds the host of uncached pretrained weights has to accept a connection before camanim gives up."""
-
-
-def _reachable(url: str, timeout: float | None = None) -> bool:
-    """Whether the host serving ``url`` (or the proxy configured for it) accepts a TCP connection in time.
-
-    Name resolution and connection run in a daemon thread joined for at most ``timeout`` seconds
-    (:data:`PROBE_TIMEOUT_S` by default), since a resolver without a network can itself hang.
-    """
-    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = via.hostname or host, via.port or 80
-    answered: list[bool] = []
-
-    def connect() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                answered.append(True)
-        except OSError:
-            answered.append(False)
-
-    thread = threading.Thread(target=connect, name="camanim-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered and answered[0])
-
-
-@dataclass(frozen=True)
-class _WeightsSource:
-    """Where pretrained weights come from: whether they are cached, the URL and the cache location."""
-
-    cached: bool
-    url: str
-    where: str
-    offline: bool = False  # downloads are switched off (HF_HUB_OFFLINE)
-
-
-def _timm_weights_source(bare: str) -> _WeightsSource | None:
-    """Where timm's pretrained weights for ``bare`` come from.
-
-    ``None`` when timm loads them otherwise (a local file) or the source cannot be worked out; the caller
-    then leaves everything to timm.
-    """
-    try:
-        from huggingface_hub import constants as hf_constants
-        from huggingface_hub import try_to_load_from_cache
-        from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-        from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
-
-        load_from, loc = _resolve_pretrained_source(resolve_pretrained_cfg(bare).to_dict())
-        if load_from == "hf-hub":
-            repo, filename = loc if isinstance(loc, (tuple, list)) else (loc, HF_WEIGHTS_NAME)
-            repo, revision = hf_split(repo)
-            names = [filename, *_get_safe_alternatives(filename)]
-            cached = any(isinstance(try_to_load_from_cache(repo, n, revision=revision), str) for n in names)
-            return _WeightsSource(
-                cached,
-                f"{hf_constants.ENDPOINT}/{repo}",
-                f"the Hugging Face cache {hf_constants.HF_HUB_CACHE}",
-                offline=bool(hf_constants.HF_HUB_OFFLINE),
-            )
-        if load_from == "url":
-            return _hub_checkpoint_source(loc)
-    except Exception as exc:  # a timm or huggingface_hub version with other internals
-        logger.debug("cannot tell where timm keeps the weights of %s (%s)", bare, exc)
-    return None
-
-
-def _hub_checkpoint_source(url: str) -> _WeightsSource:
-    """Weights downloaded by ``torch.hub.load_state_dict_from_url`` (torchvision, some timm models)."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    name = os.path.basename(urllib.parse.urlsplit(url).path)
-    return _WeightsSource((folder / name).is_file(), url, f"the torch hub folder {folder}")
-
-
-def _require_download(label: str, source: _WeightsSource | None) -> None:
-    """Raise :class:`WeightsError` at once when uncached pretrained weights cannot be downloaded.
-
-    A few seconds' connection probe replaces the minute of retries the download would take without a network.
-    """
-    if source is None or source.cached:
-        return
-    host = urllib.parse.urlsplit(source.url).hostname or source.url
-    if source.offline:
-        why = "downloads are switched off (HF_HUB_OFFLINE)"
-    elif not _reachable(source.url):
-        why = f"no network was reachable ({host} did not answer within {PROBE_TIMEOUT_S:g} s)"
-    else:
-        return
-    raise WeightsError(
-        f"the pretrained weights of {label} are not cached (in {source.where}) and {why}. Use --weights none "
-        "(random weights) or --checkpoint PATH (a state dict you have), or run once with a network so they "
-        "are downloaded and cached."
     )
 
 
@@ -779,7 +477,7 @@ def load_model(
             kwargs = {} if num_classes is None else {"num_classes": num_classes}
             wenum = torchvision.models.get_model_weights(bare).DEFAULT if weights == "default" else None
             if wenum is not None:
-                _require_download(label, _hub_checkpoint_source(wenum.url))
+                require_download(label, hub_checkpoint_source(wenum.url))
             try:
                 model = torchvision.models.get_model(bare, weights=wenum, **kwargs)
             except (OSError, RuntimeError) as exc:
@@ -794,7 +492,7 @@ def load_model(
             label = f"timm:{bare}"
             kwargs = {} if num_classes is None else {"num_classes": num_classes}
             if weights == "default":
-                _require_download(label, _timm_weights_source(bare))
+                require_download(label, timm_weights_source(bare))
             try:
                 model = timm.create_model(bare, pretrained=weights == "default", **kwargs)
             except (OSError, RuntimeError, ValueError) as exc:

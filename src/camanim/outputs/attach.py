@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from camanim.outputs import animation as an
-from camanim.outputs import compare as cmp
-from camanim.outputs import fmgcam as fm
-from camanim.outputs import ybroad as yb
-from camanim.outputs.animation import figures as afig
-from camanim.outputs.animation import frames as afr
+import camanim.outputs.animation as an
+import camanim.outputs.animation.figures as afig
+import camanim.outputs.animation.frames as afr
+import camanim.outputs.compare as cmp
+import camanim.outputs.fmgcam as fm
+import camanim.outputs.ybroad as yb
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report.notebook import explanation_html, ybroad_html
 from camanim.pipelines.animate import Animation

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from camanim.errors import BundleExistsError, CamanimError, OutputError
+from camanim.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ MIN_FREE_BYTES = 20 * 2**20
 
 def versions() -> dict[str, str]:
     """Versions of camanim and the libraries that shape its results."""
-    import camanim
-
-    out = {"camanim": camanim.__version__, "python": platform.python_version()}
+    out = {"camanim": __version__, "python": platform.python_version()}
     for mod in ("torch", "torchvision", "timm", "numpy"):
         m = sys.modules.get(mod)
         if m is None:

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from camanim.compute.capture import frozen_eval
-from camanim.errors import CamanimError
+from camanim.compute.metrics.imputers import NoisyLinearImputer, get_imputer
+from camanim.errors import CamanimError, UnknownNameError
 
 __all__ = [
     "DEFAULT_PERCENTAGES",
@@ -143,8 +144,6 @@ class RoadScores:
         try:
             i = self.keys.index(key)
         except ValueError:
-            from camanim.errors import UnknownNameError
-
             raise UnknownNameError("map", str(key), [str(k) for k in self.keys]) from None
         return float(self.road[i])
 
@@ -505,12 +504,8 @@ def _road_core(
 
 def _default_imputer(imputer: Any) -> Any:
     if imputer is None:
-        from camanim.compute.metrics.imputers import NoisyLinearImputer
-
         return NoisyLinearImputer()
     if isinstance(imputer, str):
-        from camanim.compute.metrics.imputers import get_imputer
-
         return get_imputer(imputer)
     return imputer
 

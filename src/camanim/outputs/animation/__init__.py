@@ -28,7 +28,7 @@ from camanim.outputs.animation.frames import render
 from camanim.outputs.animation.fused import describe_fusion
 from camanim.outputs.animation.resume import load_staged, matches_staged, stage_explanation
 from camanim.outputs.bundle import Bundle, open_bundle
-from camanim.outputs.report import animation_html
+from camanim.outputs.report.notebook import animation_html
 from camanim.outputs.video import FORMATS, open_writer
 from camanim.pipelines.animate import (
     NORMS,

@@ -33,24 +33,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import camanim.outputs.report.tiles as T
 from camanim.errors import OutputError
 from camanim.outputs.bundle import MANIFEST, REPORT, atomic_write_bytes, read_manifest
-from camanim.outputs.report import tiles as T
-from camanim.outputs.report.notebook import animation_html, explanation_html, iframe, ybroad_html
 from camanim.outputs.report.sections import figures, provenance
-from camanim.outputs.report.source import Source, dig, from_bundle, sample_of
-from camanim.outputs.report.viewer import finite, viewer
+from camanim.outputs.report.source import Source, dig, finite, from_bundle, sample_of
+from camanim.outputs.report.viewer import viewer
+from camanim.version import __version__
 
 __all__ = [
     "REPORT",
     "Source",
-    "animation_html",
-    "explanation_html",
-    "iframe",
     "render",
     "render_report",
     "write_report",
-    "ybroad_html",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,8 +84,6 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
         quality: lossy quality, 1-100.
     """
     import jinja2
-
-    import camanim
 
     if fmt not in T.FORMATS:
         raise ValueError(f"frame format must be one of {', '.join(T.FORMATS)}, got {fmt!r}")
@@ -147,7 +141,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
             )
             if s
         ),
-        version=camanim.__version__,
+        version=__version__,
         csp=csp,
         css=_markup(css),
         js=_markup(js),

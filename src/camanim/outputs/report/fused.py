@@ -26,9 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from camanim.compute.fusion import fuse
 from camanim.compute.normalize import Range
+from camanim.compute.resize import shrink
+from camanim.outputs.animation.frames import fused_tiles
 from camanim.outputs.animation.fused import NORMALISATION
-from camanim.outputs.report.source import Source, dig
+from camanim.outputs.fmgcam import class_colors
+from camanim.outputs.report.source import Source, dig, finite
 from camanim.pipelines.animate import FMGCAM, upsample_fused
 
 __all__ = ["FMGCAM", "Fusion", "fmgcam_tiles", "fused_maps", "fusion_of", "legend", "local_ranges"]
@@ -107,8 +111,6 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
         return None
     colors = [_color(c.get("color")) for c in classes]
     if any(c is None for c in colors):
-        from camanim.outputs.fmgcam import class_colors
-
         table = class_colors(len(classes))
     else:
         table = np.array(colors, np.uint8)
@@ -127,7 +129,6 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
 def legend(fusion: Fusion) -> list[dict[str, Any]]:
     """One row per class for the page (the template escapes the texts): rank, class, name, score label and
     value (None when not a finite number), colour as ``#rrggbb``."""
-    from camanim.outputs.report.viewer import finite
 
     label = "sigmoid" if fusion.score == "sigmoid" else "p"
     return [
@@ -146,7 +147,6 @@ def legend(fusion: Fusion) -> list[dict[str, Any]]:
 def fused_maps(src: Source, fusion: Fusion, frames: Sequence[str]) -> list[torch.Tensor] | None:
     """Every frame's fused map ``(K, h, w)``, fused again from the bundle's base maps; None when a layer's
     base maps are missing or do not hold the K classes."""
-    from camanim.compute.fusion import fuse
 
     out = []
     for name in frames:
@@ -195,8 +195,6 @@ def fmgcam_tiles(
     Yields:
         Per chunk of frames, ``{norm: (n, h, w, 3) uint8}``.
     """
-    from camanim.compute.resize import shrink
-    from camanim.outputs.animation.frames import fused_tiles
 
     for start in range(0, len(fused), per_sheet):
         stop = min(len(fused), start + per_sheet)

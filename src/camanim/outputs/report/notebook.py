@@ -10,9 +10,12 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from camanim.outputs.report import tiles as T
+import camanim.outputs.report.tiles as T
+from camanim.outputs.render import colormap_lut
+from camanim.outputs.report import render
 from camanim.outputs.report.source import from_animation, from_explanation
 from camanim.outputs.report.viewer import relu, resize_display
+from camanim.outputs.ybroad import plot_ybroad
 
 
 def iframe(page: str, height: int = 900) -> str:
@@ -25,7 +28,6 @@ def iframe(page: str, height: int = 900) -> str:
 
 def animation_html(anim: Any, *, tile: int | None = None, height: int = 900) -> str:
     """The report viewer of an in-memory :class:`~camanim.animation.Animation`, for ``_repr_html_``."""
-    from camanim.outputs.report import render
 
     return iframe(render(from_animation(anim), tile=tile), height)
 
@@ -36,7 +38,6 @@ def explanation_html(ex: Any, *, columns: int = 11, tile: int = 112, sample: int
     With more than ``columns`` layers, the layers at every 10th percentile of depth are shown. Each tile is
     scaled by its own range (local normalisation).
     """
-    from camanim.outputs.render import colormap_lut
 
     src = from_explanation(ex, sample)
     chosen = [layer.name for layer in ex.chosen]
@@ -91,8 +92,6 @@ def explanation_html(ex: Any, *, columns: int = 11, tile: int = 112, sample: int
 def ybroad_html(res: Any) -> str:
     """A :class:`~camanim.road.ybroad.YbRoadResult` as its plot and summary table, for ``_repr_html_``."""
     import io
-
-    from camanim.outputs.ybroad import plot_ybroad
 
     buf = io.BytesIO()
     plot_ybroad(res, buf)

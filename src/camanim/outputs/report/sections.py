@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from camanim.outputs.report import tiles as T
+import camanim.outputs.report.tiles as T
 from camanim.outputs.report.source import Source, dig
 
 

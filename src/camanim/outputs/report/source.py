@@ -12,6 +12,7 @@ import datetime as _dt
 import io
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from camanim.outputs.bundle import read_manifest, versions
+from camanim.outputs.bundle import _jsonable, read_manifest, versions
+from camanim.pipelines.explain import describe
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,6 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 
 def _memory_manifest(sections: Mapping[str, Any]) -> dict:
     """A manifest as a bundle would record it (NaN as null), for results not written to disk."""
-    from camanim.outputs.bundle import _jsonable
 
     manifest = {
         "schema_version": None,
@@ -196,7 +197,6 @@ def _tensor_reader(maps: Mapping[str, Mapping[str, Any]]) -> MapReader:
 
 def from_animation(anim: Any, *, strip: bool = True) -> Source:
     """An in-memory :class:`~camanim.animation.Animation` as a report source (nothing is written)."""
-    from camanim.pipelines.explain import describe
 
     ex = anim.explanation
     sections = describe(ex) | {"animation": anim.describe()}
@@ -208,6 +208,10 @@ def from_animation(anim: Any, *, strip: bool = True) -> Source:
 
 def from_explanation(ex: Any, sample: int = 0) -> Source:
     """An in-memory :class:`~camanim.explanation.Explanation` as a report source."""
-    from camanim.pipelines.explain import describe
 
     return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), np.asarray(ex.display[sample]))
+
+
+def finite(v: Any) -> float | None:
+    """``v`` as a float when it is a finite number, else None (JSON null)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None

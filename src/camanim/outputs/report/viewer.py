@@ -8,17 +8,18 @@ only where a bundle lacks them (e.g. an ``explain`` bundle has no animation sect
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+import camanim.outputs.report.fused as F
+import camanim.outputs.report.tiles as T
+from camanim.compute.methods import method_class
 from camanim.compute.normalize import Range
-from camanim.outputs.report import fused as F
-from camanim.outputs.report import tiles as T
-from camanim.outputs.report.source import Source, dig, sample_of
+from camanim.outputs.render import colormap_lut
+from camanim.outputs.report.source import Source, dig, finite, sample_of
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +28,8 @@ DEFAULT_TILE = 224
 NORM_TITLES = {"local": "local", "global": "global", "global-all": "global (all methods)"}
 
 
-def finite(v: Any) -> float | None:
-    """``v`` as a float when it is a finite number, else None (JSON null)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def relu(method: str) -> bool:
     """Whether ``method``'s displayed map is its raw map after ReLU (from the method registry)."""
-    from camanim.compute.methods import method_class
 
     try:
         return bool(method_class(method).relu)
@@ -43,7 +38,6 @@ def relu(method: str) -> bool:
 
 
 def _lut(name: str) -> tuple[np.ndarray, str]:
-    from camanim.outputs.render import colormap_lut
 
     try:
         return colormap_lut(name), name

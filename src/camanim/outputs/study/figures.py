@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from camanim.outputs.bundle import atomic_write_bytes
+from camanim.outputs.study.store import StudyStore
+from camanim.pipelines.study.units import StudyError
+
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "study.html"
@@ -200,7 +204,6 @@ def plot_epochs(stats: list[dict[str, Any]], folder: Path) -> list[tuple[Path, s
 
 def plot_study(study_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
     """Render every figure of a study into ``STUDY_DIR/figures``; returns ``(path, caption)`` pairs."""
-    from camanim.outputs.study.store import StudyStore
 
     store = StudyStore(Path(study_dir))
     layers, summary = store.read_layers(), store.read_summary()
@@ -300,10 +303,6 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
         StudyError: the folder holds no study.
     """
     import jinja2
-
-    from camanim.outputs.bundle import atomic_write_bytes
-    from camanim.outputs.study.store import StudyStore
-    from camanim.pipelines.study.units import StudyError
 
     store = StudyStore(Path(study_dir))
     cfg = store.read_config()

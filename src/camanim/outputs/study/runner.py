@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camanim.compute.metrics.road import DEFAULT_PERCENTAGES
+from camanim.compute.methods import parse_methods
+from camanim.compute.metrics.road import DEFAULT_PERCENTAGES, check_percentages
+from camanim.outputs.study.figures import write_study_report
 from camanim.outputs.study.store import StudyStore, pyarrow_modules
+from camanim.pipelines.study.executors import make_executor
 from camanim.pipelines.study.units import (
     ImageItem,
     ModelSpec,
@@ -179,8 +182,6 @@ def run_study(
         StudyError: bad inputs, or ``out`` holds a study with other settings.
         MissingExtraError: pyarrow (or Ray for ``backend="ray"``) is not installed.
     """
-    from camanim.compute.methods import parse_methods
-    from camanim.compute.metrics.road import check_percentages
 
     t0 = time.perf_counter()
     pyarrow_modules()
@@ -231,8 +232,6 @@ def run_study(
     restarts = 0
     try:
         if todo:
-            from camanim.pipelines.study.executors import make_executor
-
             executor = make_executor(
                 backend, settings, workers=workers, address=address, device=device, threads=threads
             )
@@ -277,8 +276,6 @@ def run_study(
         }
     )
     if figures:
-        from camanim.outputs.study.figures import write_study_report
-
         write_study_report(store.root)
     return StudyResult(
         root=store.root,

@@ -19,7 +19,8 @@ from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from camanim.pipelines.study.units import StudySettings, Unit, UnitOutcome, UnitRunner
+from camanim.errors import MissingExtraError
+from camanim.pipelines.study.units import StudyError, StudySettings, Unit, UnitOutcome, UnitRunner
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def ray_module() -> Any:
     try:
         import ray
     except ImportError as exc:
-        from camanim.errors import MissingExtraError
-
         raise MissingExtraError("--backend ray needs Ray: pip install 'camanim[ray]'") from exc
     return ray
 
@@ -296,7 +295,6 @@ def make_executor(
     threads: int | None = None,
 ) -> Any:
     """The executor of ``backend`` (``"local"`` or ``"ray"``)."""
-    from camanim.pipelines.study.units import StudyError
 
     if backend == "local":
         if address:

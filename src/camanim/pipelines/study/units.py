@@ -33,7 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from camanim.compute.metrics.imputers import get_imputer
+from camanim.compute.models import LoadedModel, load_model, load_state_dict_into, wrap_model
+from camanim.compute.targets import resolve_class
 from camanim.errors import CamanimError
+from camanim.pipelines.ybroad import ybroad
 
 log = logging.getLogger(__name__)
 
@@ -400,9 +404,6 @@ def compute_unit(
     Returns:
         ``(layer rows, summary row)``.
     """
-    from camanim.compute.metrics.imputers import get_imputer
-    from camanim.compute.targets import resolve_class
-    from camanim.pipelines.ybroad import ybroad
 
     target = None if unit.image.label is None else resolve_class(unit.image.label, lm.class_names)
     seed = unit_seed(settings.seed, unit)
@@ -495,8 +496,6 @@ def build_model(spec: ModelSpec, checkpoint: str = "", device: Any = "cpu", seed
     same in every worker.
     """
     import torch
-
-    from camanim.compute.models import LoadedModel, load_model, load_state_dict_into, wrap_model
 
     if not spec.is_factory:
         return load_model(

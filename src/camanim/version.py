@@ -1,0 +1,3 @@
+"""The version of camanim."""
+
+__version__ = "0.1.0"
