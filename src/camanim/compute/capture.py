@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from camanim.compute.layers import Layer, LayerTracker, as_bchw, model_errors, modified_in_place
+from camanim.compute.layers import Layer, LayerTracker, as_bchw, list_layers, model_errors, modified_in_place
 from camanim.compute.targets import OutputSelector, Target
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,9 @@ def capture(
     Returns:
         A :class:`CaptureResult`.
     """
+    known = list_layers(model, x[:1])  # kinds decided by the dry run (cached), with its second input size
     modified = None if copy_all else modified_in_place(model, x[:1])
-    tracker = LayerTracker(model, x)
+    tracker = LayerTracker(model, x, known)
     chosen: list[Layer] = []
     values: dict[str, Tensor] = {}
     grads: dict[str, Tensor | None] = {}

@@ -8,14 +8,34 @@ a ``#k`` suffix (``layer1.0.relu#2``, ``layer1.0.relu#3``).
 
 Each layer has a *kind*, decided from its output:
 
-* ``spatial``: ``(B, C, H, W)`` with ``H * W > 1``;
-* ``channels_last``: ``(B, H, W, C)`` (ConvNeXt, Swin and MaxViT blocks), permuted to ``(B, C, H, W)``;
-* ``token``: ``(B, N, C)`` whose last ``N - P`` tokens form a square grid after ``P`` prefix
-  (class/distillation/register) tokens (ViT, DeiT), reshaped to ``(B, C, g, g)``;
-* ``nonspatial``: anything else (``(B, C)`` vectors, 1x1 maps, windowed tensors whose batch axis is not the
-  input's, tuples). These are listed but left out of sweeps: their maps carry no spatial information and
-  only render as flat frames or stripes (CAManim, Fig 7). Vectors and 1x1 maps can still be kept on
-  request (``keep_nonspatial``): they are read as ``(B, C, 1, 1)`` and give a 1x1 map.
+* ``spatial``: ``(B, C, h, w)`` with ``h * w > 1``;
+* ``channels_last``: ``(B, h, w, C)`` (ConvNeXt, Swin and MaxViT blocks), permuted to ``(B, C, h, w)``;
+* ``token``: ``(B, N, C)`` whose last ``N - P`` tokens form an ``h x w`` grid after ``P`` prefix
+  (class, distillation, register) tokens (ViT, DeiT, Swin's last stage), reshaped to ``(B, C, h, w)``;
+* ``nonspatial``: anything else: ``(B, C)`` vectors, 1x1 maps, tuples, and tensors whose axes are not the
+  image's (windows of tokens, attention probabilities, heads). These are listed but left out of sweeps:
+  their maps carry no spatial information and only render as flat frames or stripes (CAManim, Fig 7).
+  Vectors and 1x1 maps can still be kept on request (``keep_nonspatial``): they are read as
+  ``(B, C, 1, 1)`` and give a 1x1 map.
+
+The rule, for every model alike (no per-model exceptions): a pair of axes is a grid of the image when
+
+1. the batch axis is the input's ``B`` (so Swin's ``(B * windows, ...)`` tensors are not);
+2. both axes are the input's height and width divided by one integer stride ``s``, rounded either way
+   (``|h * s - H| < s``, :func:`grid_stride`), as strided convolutions, pooling and patch embeddings make
+   them; for tokens, ``N - P = h * w`` with such a grid and ``P`` the model's own prefix count if it
+   declares one (timm's ``num_prefix_tokens``), else the smallest of 0..8 that fits (a patch embedding
+   has no class token yet);
+3. and, where the model also takes a second input size in the dry run (``H + 32`` by ``W + 64``), the
+   same axes at that size either grow with the input by ``step / s`` (within one) while the channel axis
+   stays, or stay exactly the same (adaptive pooling, whose fixed grid still covers the image). A grid
+   that only the second size reveals (Inception's unpadded convolutions, 299 -> 149 -> 147) counts too.
+
+So torchvision MaxViT's window partitions ``(1, 49, 64, 64)`` (49 windows x 64 tokens x 64 channels:
+224 / 64 is no integer stride) and Swin's attention probabilities ``(1, 24, 49, 49)`` are not maps, while
+a ViT's ``patch_embed`` output ``(1, 196, C)`` is a 14 x 14 token grid with no prefix token. The capture
+reuses the kinds the dry run decided (cached per model and input shape) and classifies only calls the dry
+run did not see, from their output alone.
 
 A layer whose output is the very same tensor, unmodified, as an earlier layer's (a container returning its
 last child's output, an ``Identity``) records the earlier layer's name in ``same_as``; sweeps skip it unless
@@ -25,6 +45,7 @@ asked, so the same map is not shown twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -93,50 +114,140 @@ class Layer:
         }
 
 
-def _fits_grid(h: int, w: int, in_h: int, in_w: int) -> bool:
-    """Whether an ``h x w`` grid is a plausible down-sampling of an ``in_h x in_w`` input."""
+#: The dry run's second input is ``(H + PROBE_DH, W + PROBE_DW)``: unequal steps, so that height and width
+#: axes tell themselves apart; multiples of 32, the largest stride of most CNNs.
+PROBE_DH, PROBE_DW = 32, 64
+#: Prefix tokens (class, distillation, registers) looked for when the model does not say how many it has.
+MAX_PREFIX_TOKENS = 8
+
+Shape = tuple[int, ...]
+Probe = tuple[Shape, tuple[int, int]]
+"""What the dry run saw of one layer at the second input size: ``(output shape, (H2, W2))``."""
+
+
+def grid_stride(h: int, w: int, in_h: int, in_w: int) -> int | None:
+    """The integer stride ``s`` that makes ``h x w`` a grid of an ``in_h x in_w`` input, or None.
+
+    Both axes must be ``size / s`` for one ``s``, rounded either way (``|h * s - in_h| < s``), as strided
+    convolutions, pooling and patch embeddings produce.
+    """
     if h < 1 or w < 1 or h > in_h or w > in_w:
+        return None
+    guess = max(1, round(in_h / h))
+    for s in (guess, guess - 1, guess + 1):
+        if s >= 1 and abs(h * s - in_h) < s and abs(w * s - in_w) < s:
+            return s
+    return None
+
+
+def _follows(d1: int, d2: int, x1: int, x2: int) -> bool:
+    """Whether an axis of size ``d1`` at input size ``x1`` and ``d2`` at ``x2`` follows the input grid: it grows
+    by the input's step divided by its own stride ``x1 / d1`` (within one, for rounding)."""
+    if d1 < 1 or d2 <= d1 or x2 <= x1:
         return False
-    # Convolutions round sizes up (ceil(in / stride)), so the two strides agree up to that rounding.
-    return abs(in_h / h - in_w / w) <= 0.05 * max(in_h / h, in_w / w) + 1e-9
+    expected = (x2 - x1) * d1 / x1
+    return abs((d2 - d1) - expected) <= max(1.0, 0.1 * expected)
+
+
+def _grid_kind(
+    h: int, w: int, c: int, in_hw: tuple[int, int], other: tuple[int, int, int, tuple[int, int]] | None
+) -> bool:
+    """Whether ``(h, w)`` with ``c`` channels is a grid of the input (see :func:`classify_output`);
+    ``other`` is ``(h2, w2, c2, (H2, W2))`` at the second input size, when the model took one."""
+    single = grid_stride(h, w, *in_hw) is not None
+    if other is None:
+        return single
+    h2, w2, c2, (in_h2, in_w2) = other
+    if c2 != c:
+        return False
+    scales = _follows(h, h2, in_hw[0], in_h2) and _follows(w, w2, in_hw[1], in_w2)
+    return scales or (single and (h2, w2) == (h, w))
+
+
+def _token_grid(
+    n: int, in_hw: tuple[int, int], prefixes: Sequence[int], other: tuple[int, tuple[int, int]] | None
+) -> tuple[tuple[int, int], int] | None:
+    """The grid ``(gh, gw)`` and prefix-token count ``P`` of ``n`` tokens, ``n = P + gh * gw``, or None."""
+    in_h, in_w = in_hw
+    for p in prefixes:
+        m = n - p
+        if m < 4:
+            continue
+        # the stride s with round(in_h / s) * round(in_w / s) == m
+        s0 = math.sqrt(in_h * in_w / m)
+        for s in {max(1, math.floor(s0)), max(1, math.ceil(s0))}:
+            gh, gw = round(in_h / s), round(in_w / s)
+            if gh * gw != m or grid_stride(gh, gw, in_h, in_w) is None:
+                continue
+            if other is not None:
+                n2, (in_h2, in_w2) = other
+                gh2, gw2 = round(in_h2 / s), round(in_w2 / s)
+                if n2 != p + gh2 * gw2:
+                    continue
+            return (gh, gw), p
+    return None
 
 
 def classify_output(
-    output: object, module: nn.Module, batch: int, in_hw: tuple[int, int], prefix_tokens: int | None = None
+    output: object,
+    module: nn.Module,
+    batch: int,
+    in_hw: tuple[int, int],
+    prefix_tokens: int | None = None,
+    other: Probe | None = None,
 ) -> tuple[str, tuple[int, int] | None, int]:
-    """Decide a layer's kind from its output.
+    """Decide a layer's kind from its output (the rule is in the module docstring).
 
     Args:
         output: what the module returned.
-        module: the module (its type breaks ties between ``(B, C, H, W)`` and ``(B, H, W, C)``).
+        module: the module (its type breaks a tie between ``(B, C, H, W)`` and ``(B, H, W, C)``).
         batch: the input's batch size ``B``.
         in_hw: the input's ``(H, W)`` in pixels.
-        prefix_tokens: the model's number of prefix tokens when known (timm's ``num_prefix_tokens``).
+        prefix_tokens: the model's number of prefix tokens when known (timm's ``num_prefix_tokens``); tried
+            first, then 0, 1, ... :data:`MAX_PREFIX_TOKENS`.
+        other: the same layer's output shape at the dry run's second input size, and that size, when the
+            model took it.
 
     Returns:
         ``(kind, map_size, prefix_tokens)``.
     """
-    if not isinstance(output, Tensor) or output.dim() < 2 or output.shape[0] != batch:
+    shape = tuple(output.shape) if isinstance(output, Tensor) else ()
+    return classify_shape(shape, type(module).__name__, batch, in_hw, prefix_tokens, other)
+
+
+def classify_shape(
+    shape: Shape,
+    type_name: str,
+    batch: int,
+    in_hw: tuple[int, int],
+    prefix_tokens: int | None = None,
+    other: Probe | None = None,
+) -> tuple[str, tuple[int, int] | None, int]:
+    """:func:`classify_output` from the output's shape (``()`` when it is not a tensor) and module type."""
+    if len(shape) < 2 or shape[0] != batch:
         return "nonspatial", None, 0
-    if output.dim() == 2:
+    if len(shape) == 2:
         return "nonspatial", (1, 1), 0
-    in_h, in_w = in_hw
-    if output.dim() == 4:
-        _, a, b, c = output.shape
-        first = _fits_grid(b, c, in_h, in_w)
-        last = _fits_grid(a, b, in_h, in_w)
-        if last and (not first or type(module).__name__ in _CHANNELS_LAST_TYPES):
+    shape2, hw2 = other if other is not None and len(other[0]) == len(shape) else (None, None)
+    if len(shape) == 4:
+        _, a, b, c = shape
+        first = _grid_kind(b, c, a, in_hw, None if shape2 is None else (shape2[2], shape2[3], shape2[1], hw2))
+        last = _grid_kind(a, b, c, in_hw, None if shape2 is None else (shape2[1], shape2[2], shape2[3], hw2))
+        if last and (not first or type_name in _CHANNELS_LAST_TYPES):
             return ("channels_last", (a, b), 0) if a * b > 1 else ("nonspatial", None, 0)
         if first:
             return ("spatial", (b, c), 0) if b * c > 1 else ("nonspatial", (1, 1), 0)
         return "nonspatial", None, 0
-    if output.dim() == 3:
-        n = output.shape[1]
-        candidates = [prefix_tokens] if prefix_tokens is not None else range(0, 9)
-        for p in candidates:
-            g = math.isqrt(max(n - p, 0))
-            if g > 1 and g * g == n - p and _fits_grid(g, g, in_h, in_w):
-                return "token", (g, g), p
+    if len(shape) == 3:
+        _, n, c = shape
+        if shape2 is not None and shape2[2] != c:
+            return "nonspatial", None, 0
+        known = [prefix_tokens] if prefix_tokens is not None else []
+        prefixes = known + [p for p in range(MAX_PREFIX_TOKENS + 1) if p not in known]
+        found = _token_grid(n, in_hw, prefixes, None if shape2 is None else (shape2[1], hw2))
+        if found is not None:
+            grid, p = found
+            return "token", grid, p
     return "nonspatial", None, 0
 
 
@@ -160,10 +271,13 @@ def as_bchw(t: Tensor, layer: Layer) -> Tensor:
 class LayerTracker:
     """Names and classifies module calls as forward hooks fire; shared by the dry run and the capture.
 
-    One tracker serves one forward pass. ``observe`` returns the :class:`Layer` of a call.
+    One tracker serves one forward pass. ``observe`` returns the :class:`Layer` of a call. A call that the
+    dry run saw (same name, same output shape but for the batch) takes the kind the dry run decided with
+    its second input size (``known``); any other is classified from its output alone.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, known: Sequence[Layer] = ()) -> None:
+        self.known = {layer.name: layer for layer in known}
         self.names = {m: n for n, m in model.named_modules() if n}
         self.batch = x.shape[0]
         self.in_hw = (x.shape[-2], x.shape[-1])
@@ -186,7 +300,12 @@ class LayerTracker:
         k = self.calls.get(module_name, 0) + 1
         self.calls[module_name] = k
         name = module_name if k == 1 else f"{module_name}#{k}"
-        kind, map_size, prefix = classify_output(output, module, self.batch, self.in_hw, self.prefix)
+        seen_before = self.known.get(name)
+        out_shape = tuple(output.shape) if isinstance(output, Tensor) else ()
+        if seen_before is not None and seen_before.shape[1:] == out_shape[1:] and out_shape:
+            kind, map_size, prefix = seen_before.kind, seen_before.map_size, seen_before.prefix_tokens
+        else:
+            kind, map_size, prefix = classify_output(output, module, self.batch, self.in_hw, self.prefix)
         same_as = None
         if isinstance(output, Tensor):
             seen = self._seen.get(id(output))
@@ -301,10 +420,50 @@ def _dry_run(
         for m, mode in modes.items():
             m.training = mode
     mutated = None if untracked else frozenset(name for name, t, version in outputs if t._version != version)
-    entry = (tuple(tracker.layers), mutated)
+    outputs.clear()
+    probes = _second_size(model, x, modes)
+    layers = tuple(tracker.layers)
+    if probes:
+        layers = tuple(_reclassified(layer, tracker, probes.get(layer.name)) for layer in layers)
+    entry = (layers, mutated)
     if cache:
         _CACHE.setdefault(model, {})[key] = entry
     return entry
+
+
+def _second_size(model: nn.Module, x: Tensor, modes: dict[nn.Module, bool]) -> dict[str, Probe]:
+    """Every layer's output shape at the second input size ``(H + PROBE_DH, W + PROBE_DW)``, by name; empty
+    when the model does not take that size (a fixed position embedding, windows that must tile the input)."""
+    hw2 = (x.shape[-2] + PROBE_DH, x.shape[-1] + PROBE_DW)
+    x2 = torch.zeros((*x.shape[:-2], *hw2), dtype=x.dtype, device=x.device)
+    tracker = LayerTracker(model, x2)
+    shapes: dict[str, Probe] = {}
+
+    def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
+        layer = tracker.observe(module, output)
+        shapes[layer.name] = (layer.shape, hw2)
+
+    handles = [m.register_forward_hook(hook) for m in tracker.names]
+    try:
+        model.eval()
+        with torch.inference_mode(False), torch.no_grad():
+            model(x2)
+    except Exception as exc:  # noqa: BLE001 - any failure only means the model keeps one input size
+        logger.debug("the model does not take a %dx%d input (%s); layer kinds from one size", *hw2, exc)
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def _reclassified(layer: Layer, tracker: LayerTracker, other: Probe | None) -> Layer:
+    kind, map_size, prefix = classify_shape(
+        layer.shape, layer.type, tracker.batch, tracker.in_hw, tracker.prefix, other
+    )
+    return dataclasses.replace(layer, kind=kind, map_size=map_size, prefix_tokens=prefix)
 
 
 def default_layers(
