@@ -237,11 +237,14 @@ def test_layers_csv_rows_and_flags(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     kept = [r for r in rows if r["kept"] == "1"]
     assert [r["name"] for r in kept] == [layer.name for layer in anim.layers]
-    assert len(kept) == count_frames(out / "gradcam_side-by-side.mp4") == 10
+    # the dead branch is the last spatial layer and its gradient is zero everywhere: passed over, with why
+    assert len(kept) == count_frames(out / "gradcam_side-by-side.mp4") == 9
     by_name = {r["name"]: r for r in rows}
-    assert by_name["dead"]["gradcam_flags"].split(";")[0] == "flat"
-    assert float(by_name["dead"]["gradcam_max"]) == 0.0
-    assert all("flat" not in r["gradcam_flags"] for r in kept if r["name"] != "dead")
+    assert by_name["dead"]["kept"] == "0" and "zero at every position" in by_name["dead"]["skipped"]
+    assert all("flat" not in r["gradcam_flags"] for r in kept)
+    named = animate(model, torch.randn(1, 3, 48, 48), layers="features.8,dead")  # asked for by name: kept
+    assert [layer.name for layer in named.layers] == ["features.8", "dead"]
+    assert named.flags("gradcam", 1)[:1] == ("flat",) and "zero_gradient" in named.flags("gradcam", 1)
     for name in ("pool", "fc"):
         assert by_name[name]["kept"] == "0" and by_name[name]["frame"] == ""
         assert by_name[name]["skipped"].startswith("non-spatial")

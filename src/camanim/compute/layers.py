@@ -481,7 +481,8 @@ def default_layers(
 LayerSpec = str | int | Sequence[int | str] | Callable[[Layer], bool] | None
 
 
-def _split(spec: str | Sequence[int | str]) -> list[int | str]:
+def split_spec(spec: str | Sequence[int | str]) -> list[int | str]:
+    """The items of a layer selection: ``"first,3,layer4.*"`` -> ``["first", 3, "layer4.*"]``."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[int | str] = []
     for item in items:
@@ -542,7 +543,7 @@ def select_layers(
         return pool[-spec:]
     chosen: dict[int, Layer] = {}
     by_name = {layer.name: layer for layer in layers}
-    for item in _split(spec):
+    for item in split_spec(spec):
         if isinstance(item, int):
             n = len(layers)
             if not -n <= item < n:

@@ -479,9 +479,15 @@ class Animation:
                 raise CamanimError(f"method {m!r} has no map for layers {missing[:5]}: cannot animate it")
         chosen = {layer.name for layer in layers}
         skipped = tuple(
-            (layer, reason)
-            for layer in ex.layers
-            if layer.name not in chosen and (reason := skip_reason(layer)) is not None
+            sorted(
+                [
+                    (layer, reason)
+                    for layer in ex.layers
+                    if layer.name not in chosen and (reason := skip_reason(layer)) is not None
+                ]
+                + list(ex.passed_over),
+                key=lambda item: item[0].index,
+            )
         )
         road_t = None
         if road is not None:

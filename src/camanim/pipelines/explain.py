@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from camanim.compute.capture import capture
 from camanim.compute.images import LoadedImage, load_image
-from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
+from camanim.compute.layers import Layer, LayerSpec, default_layers, list_layers, select_layers, split_spec
 from camanim.compute.methods import get_method, method_class, parse_methods
-from camanim.compute.methods.base import LayerTensors, compute_maps
+from camanim.compute.methods.base import LayerTensors, compute_maps, rounding_noise
 from camanim.compute.methods.perturbation import run_per_channel
 from camanim.compute.models import (
     DEFAULT_MODEL,
@@ -51,6 +51,13 @@ from camanim.errors import (
 logger = logging.getLogger(__name__)
 
 FLAT_RTOL = 1e-6
+#: ``"last"`` is the last of this many final spatial layers whose gradient is not zero everywhere.
+LAST_CANDIDATES = 16
+ZERO_GRADIENT = (
+    "its gradient is zero at every position, so every gradient map is blank: the output depends on it only "
+    "through positions that are not part of its map (a ViT's final norm reaches the head only through the "
+    "class token)"
+)
 
 
 @dataclass(frozen=True)
@@ -75,11 +82,17 @@ class Explanation:
             resolution, before ReLU and before any normalisation.
         flags: ``flags[method][layer name]`` lists conditions of that map: ``"flat"`` (constant, including
             all zero), ``"zero"`` (all zero), ``"no_gradient"`` (no path from the layer to the target),
-            ``"nonfinite"`` (NaN/inf replaced by 0).
+            ``"zero_gradient"`` (a path, but the gradient is zero at every position), ``"cancelled"`` (a sum of
+            signed terms below the rounding level of its terms, zero by invariance before a LayerNorm:
+            shown as zero; :func:`camanim.compute.methods.base.rounding_noise`), ``"nonfinite"`` (NaN/inf
+            replaced by 0).
         image_info: where the image came from (source, original size and mode, conversions).
         timings: seconds per stage.
         logits: the raw model output ``(B, K)`` on the CPU (None for an explanation read back from a bundle).
         output: how the class scores ``(B, K)`` were read from what the network returned.
+        passed_over: layers a sweep or ``"last"`` would have ended with but left out, with the reason: the
+            trailing layers whose gradient is zero at every position, whose maps can only be blank (a ViT's
+            final norm reaches the head only through the class token); see :data:`LAST_CANDIDATES`.
     """
 
     model_name: str
@@ -100,6 +113,7 @@ class Explanation:
     timings: dict[str, float] = field(default_factory=dict)
     logits: Tensor | None = field(default=None, repr=False)
     output: str = "the output itself"
+    passed_over: tuple[tuple[Layer, str], ...] = field(default=(), repr=False)
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -282,6 +296,7 @@ def explain(
     timings = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
+    last_pool: list[str] = []  # the candidates of "last", beyond what was asked
     if layers in (None, "all") and not callable(layers):
         allowed = None
     else:
@@ -292,6 +307,12 @@ def explain(
                 table, layers, keep_nonspatial=keep_nonspatial, keep_duplicates=keep_duplicates
             )
         }
+        if isinstance(layers, (str, list, tuple)) and "last" in split_spec(layers):
+            pool = default_layers(table, keep_nonspatial=keep_nonspatial, keep_duplicates=keep_duplicates)
+            last_pool = [layer.name for layer in pool[-LAST_CANDIDATES:]]
+    asked = None if allowed is None else set(allowed)
+    if allowed is not None:
+        allowed |= set(last_pool)
 
     def want(layer: Layer) -> bool:
         if allowed is not None:
@@ -324,13 +345,21 @@ def explain(
     with_grads = {n: m for n, m in instances.items() if m.needs_gradients}
 
     kept: dict[str, Tensor] = {}  # per-chosen-layer values, only for per-channel methods
+    zero_grad: dict[str, bool] = {}  # per layer: the gradient was zero everywhere, in every pass
+    cancelled: dict[str, set[str]] = {n: set() for n in names}
 
     def consumer(layer: Layer, value: Tensor, grad: Tensor | None, k: int) -> None:
         if per_channel and k == 0:
             kept[layer.name] = value
+        if grad is not None:
+            zero_grad[layer.name] = zero_grad.get(layer.name, True) and not bool(grad.any())
         # Gradient-free maps do not depend on the pass: computed at the first and repeated.
         todo = instances if k == 0 else with_grads
-        computed = compute_maps(todo, LayerTensors(value, grad, layer.name))
+        tensors = LayerTensors(value, grad, layer.name)
+        computed = compute_maps(todo, tensors)
+        for n, noise in rounding_noise(todo, tensors, computed).items():
+            computed[n] = computed[n].masked_fill(noise[:, None, None], 0.0)
+            cancelled[n].add(layer.name)
         for n in instances:
             per_pass = parts[n].setdefault(layer.name, [None] * passes)
             if n in class_free and k > 0:
@@ -352,6 +381,9 @@ def explain(
         raise LayerSelectionError(
             f"no layer of {lm.name} has a map to explain (no spatial layer was produced; see `camanim layers`)"
         )
+    # a layer is blank for every method only when every map here needs the gradient
+    blank = zero_grad if need_grads and not class_free and not per_channel else {}
+    chosen, passed_over = _pass_over_blank_ends(list(result.chosen), asked, last_pool, blank)
     maps: dict[str, dict[str, Tensor]] = {
         n: {name: p[0] if passes == 1 else torch.cat(p) for name, p in parts[n].items()} for n in names
     }
@@ -368,7 +400,7 @@ def explain(
             per_channel,
             net,
             x,
-            result.chosen,
+            chosen,
             kept,
             target_obj,
             batch_size=batch_size,
@@ -395,9 +427,13 @@ def explain(
                 extra = ("nonfinite",) + extra
                 lo, hi = (float(v) for v in torch.aminmax(m))
             maps[n][name] = m
+            if zero_grad.get(name) and method_class(n).needs_gradients:
+                extra += ("zero_gradient",)
+            if name in cancelled[n]:
+                extra += ("cancelled",)
             flags[n][name] = tuple(map_flags(m, lo, hi)) + extra
     # Keep forward order in the dicts (the backward delivered them in reverse).
-    order = [layer.name for layer in result.chosen]
+    order = [layer.name for layer in chosen]
     maps = {n: {k: maps[n][k] for k in order} for n in names}
     flags = {n: {k: flags[n][k] for k in order} for n in names}
     timings["methods_to_cpu"] = time.perf_counter() - t
@@ -415,7 +451,7 @@ def explain(
         target_names=tuple(lm.class_names[c] if c < len(lm.class_names) else str(c) for c in targets),
         class_names=lm.class_names,
         layers=tuple(result.layers),
-        chosen=tuple(result.chosen),
+        chosen=tuple(chosen),
         methods=tuple(names),
         maps=maps,
         flags=flags,
@@ -423,7 +459,29 @@ def explain(
         timings=timings,
         logits=output.detach().float().cpu(),
         output=lm.output,
+        passed_over=tuple(passed_over),
     )
+
+
+def _pass_over_blank_ends(
+    chosen: list[Layer], asked: set[str] | None, last_pool: list[str], zero_grad: dict[str, bool]
+) -> tuple[list[Layer], list[tuple[Layer, str]]]:
+    """Leave out the layers a sweep (``asked`` None) or ``"last"`` would end with although their gradient is
+    zero everywhere; ``"last"`` becomes the last of ``last_pool`` whose gradient is not. Layers asked for
+    by name or index are kept."""
+    passed: list[tuple[Layer, str]] = []
+    if asked is None:
+        while len(chosen) > 1 and zero_grad.get(chosen[-1].name):
+            passed.insert(0, (chosen.pop(), ZERO_GRADIENT))
+        return chosen, passed
+    if not last_pool:
+        return chosen, passed
+    pool = [layer for layer in chosen if layer.name in last_pool]
+    live = [layer for layer in pool if not zero_grad.get(layer.name)]
+    last = live[-1] if live else pool[-1]
+    passed = [(layer, ZERO_GRADIENT) for layer in pool if layer.index > last.index]
+    keep = asked - set(last_pool[-1:]) | {last.name}
+    return [layer for layer in chosen if layer.name in keep], passed
 
 
 class _LazyTarget:
@@ -511,6 +569,7 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         ],
         "layers": [layer.to_dict() for layer in ex.layers],
         "chosen_layers": [layer.name for layer in ex.chosen],
+        "passed_over": [{"index": la.index, "name": la.name, "reason": r} for la, r in ex.passed_over],
         "methods": [method_info(n) for n in ex.methods],
         "maps": {"file": "maps.npz", "key": "<method>/<layer name>", "shape": "(B, h, w) raw, before ReLU"},
         "flags": {m: {k: list(v) for k, v in f.items() if v} for m, f in ex.flags.items()},

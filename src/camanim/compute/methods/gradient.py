@@ -33,12 +33,20 @@ class GradCAM(CAMMethod):
 
 @register_method("hirescam")
 class HiResCAM(CAMMethod):
-    """HiResCAM (Draelos & Carin, 2020): map ``= sum_c G_c * A_c`` (element-wise, no spatial averaging)."""
+    """HiResCAM (Draelos & Carin, 2020): map ``= sum_c G_c * A_c`` (element-wise, no spatial averaging).
+
+    At a layer that feeds only a LayerNorm this sum is zero in exact arithmetic; a map below the rounding
+    level of its terms is returned as zero and flagged ``cancelled`` (:func:`~.base.rounding_noise`).
+    """
 
     paper = "Draelos and Carin, HiResCAM, arXiv:2011.08891"
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return t.grads_times_acts.sum(dim=1)
+
+    def term_magnitude(self, t: LayerTensors) -> Tensor:
+        """``sum_c |G_c * A_c|``: the sum cancels exactly before a LayerNorm (see ``rounding_noise``)."""
+        return t.grads_times_acts.abs().sum(dim=1)
 
 
 @register_method("gradcamelementwise", "gradcamew")
