@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from camanim.cli import study
+from camanim.cli import embed, study
 from camanim.cli.checks import check
 from camanim.cli.commands import (
     cmd_animate,
@@ -37,6 +37,7 @@ from camanim.cli.options import (
     add_model_options,
     add_output_options,
     add_target_options,
+    input_size,
     int_at_least,
     int_between,
     method_help,
@@ -69,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list every layer in forward execution order")
     add_model_options(p, image=False)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.add_argument(
-        "--size", type=int_between(8, 4096), default=None, help="input size in pixels (default: the model's)"
-    )
+    p.add_argument("--size", dest="input_size", type=input_size, default=None, help="same as --input-size")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("explain", help="raw maps and overlays for chosen layers and methods")
@@ -342,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     study.add_parser(sub)
+    embed.add_parser(sub)
     return parser
 
 

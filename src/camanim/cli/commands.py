@@ -17,8 +17,8 @@ from camanim.cli.checks import is_best
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
-from camanim.compute.models import load_model
-from camanim.errors import CamanimError
+from camanim.compute.models import load_model, parse_input_size
+from camanim.errors import CamanimError, OptionError
 from camanim.outputs.animation import animate
 from camanim.outputs.bundle import REPORT, open_bundle
 from camanim.outputs.compare import check_road_source
@@ -96,6 +96,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 32),
         max_channels=getattr(args, "max_channels", None),
         compile=getattr(args, "compile", False),
+        input_size=args.input_size,
     )
     _warn_blank(ex)
     path = save_explanation(
@@ -127,6 +128,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         keep_nonspatial=getattr(args, "keep_nonspatial", False),
         score=args.score,
         fps=getattr(args, "fps", None),
+        input_size=args.input_size,
         reuse=out if resume else None,
         **fmgcam,
     )
@@ -162,6 +164,7 @@ def cmd_fmgcam(args: argparse.Namespace) -> int:
         activation=args.activation,
         layers=_layer_spec(args.layers),
         multilabel=args.multilabel,
+        input_size=args.input_size,
     )
     _warn_blank(res.explanation)
     path = res.save(
@@ -186,7 +189,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     lm = _load(args)
     target = args.target
     if args.road is not None:
-        target = check_road_source(args.road, lm, args.image, target)
+        target = check_road_source(args.road, lm, args.image, target, input_size=args.input_size)
     cmp = compare(
         lm,
         args.image,
@@ -195,6 +198,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         norm=args.norm,
         road=None if args.road is None else args.road.values,
         target=target,
+        input_size=args.input_size,
     )
     _warn_blank(cmp.explanation)
     with open_bundle(args.out, force=args.force, command=" ".join(sys.argv)) as bundle:
@@ -259,6 +263,7 @@ def cmd_road(args: argparse.Namespace) -> int:
             imputation_space=args.space,
             batch_size=args.batch_size,
             progress=progress,
+            input_size=args.input_size,
         )
     _warn_blank(res.explanation)
     print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
@@ -301,6 +306,7 @@ def _layers_or_best(args: argparse.Namespace, lm):
             score=getattr(args, "score", "logit"),
             keep_nonspatial=getattr(args, "keep_nonspatial", False),
             progress=progress,
+            input_size=args.input_size,
         )
     r = res[method]
     logger.info(
@@ -348,7 +354,10 @@ def _layer_spec(text: str):
 def cmd_layers(args: argparse.Namespace) -> int:
 
     lm = _load(args)
-    h, w = (args.size, args.size) if args.size else lm.preprocessing.size
+    size = parse_input_size(args.input_size)
+    if size == "native":
+        raise OptionError("camanim layers lists the layers for an input size: give N or HxW, not native")
+    h, w = size or lm.preprocessing.size
     layers = list_layers(lm.model, torch.zeros(1, 3, h, w, device=lm.device))
     if args.json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=1))

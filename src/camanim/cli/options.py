@@ -12,6 +12,8 @@ from typing import NoReturn
 
 from camanim.compute.methods import list_methods
 from camanim.compute.metrics.road import RoadError, check_percentages
+from camanim.compute.models import parse_input_size
+from camanim.errors import OptionError
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,12 +103,29 @@ def add_model_options(p: argparse.ArgumentParser, *, image: bool = True) -> None
         "(default: the tensor itself, else 'logits', 'out' or the first tensor)",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument(
+        "--input-size",
+        type=input_size,
+        default=None,
+        metavar="N|HxW|native",
+        help="the model's input size instead of its own (e.g. 600 or 480x640); native: the image's own size, "
+        "no resizing (for images where detail matters, such as medical ones)",
+    )
     if image:
         g.add_argument(
             "--image",
             default="chelsea",
             help="a file, an http(s) URL or a sample: chelsea, coffee, astronaut, rocket",
         )
+
+
+def input_size(text: str) -> str:
+    """``N``, ``HxW`` or ``native`` (checked by :func:`camanim.compute.models.parse_input_size`)."""
+    try:
+        parse_input_size(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_target_options(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from camanim.cli.options import int_at_least, non_empty, percentages
+from camanim.cli.options import input_size, int_at_least, non_empty, percentages
 from camanim.outputs.study.runner import run_study
 
 DESCRIPTION = (
@@ -85,6 +85,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--batch-size", type=int_at_least(1), default=64, help="perturbed images per forward")
     g.add_argument("--keep-nonspatial", action="store_true", help="include 1x1 layers")
+    g.add_argument(
+        "--input-size",
+        type=input_size,
+        default=None,
+        metavar="N|HxW|native",
+        help="the models' input size instead of their own; native: each image's own size",
+    )
     g = p.add_argument_group("execution")
     g.add_argument("--backend", default="local", choices=["local", "ray"], help="local (default) or ray")
     g.add_argument(
@@ -172,6 +179,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             score=args.score,
             batch_size=args.batch_size,
             keep_nonspatial=args.keep_nonspatial,
+            input_size=args.input_size,
             backend=args.backend,
             workers=args.workers,
             address=args.address,

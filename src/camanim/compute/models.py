@@ -40,7 +40,7 @@ from camanim.compute.downloads import (
     timm_weights_source,
 )
 from camanim.compute.targets import OutputSelector, OutputSpec
-from camanim.errors import ModelNotFoundError, ModelOutputError, WeightsError
+from camanim.errors import ModelNotFoundError, ModelOutputError, OptionError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Preprocessing:
     Attributes:
         size: ``(H, W)`` of the tensor given to the model, in pixels.
         resize: ``"squash"`` resizes straight to ``size`` (aspect ratio not kept); ``"center_crop"`` resizes
-            the shorter side to ``size / crop_pct`` and crops the centre.
+            the shorter side to ``size / crop_pct`` and crops the centre; ``"none"`` keeps the image as it is
+            (the native input size: ``size`` is the image's own).
         crop_pct: fraction of the resized image kept by the centre crop (``"center_crop"`` only).
         interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
         mean: per-channel mean subtracted from pixels in ``[0, 1]``.
@@ -75,6 +76,13 @@ class Preprocessing:
         """Resize (and crop) an RGB image to ``size``; the picture the model sees, in pixels."""
         h, w = self.size
         resample = _INTERPOLATION[self.interpolation]
+        if self.resize == "none":
+            if image.size != (w, h):
+                raise OptionError(
+                    f"the native input size is {h}x{w}, but this image is {image.size[1]}x{image.size[0]}: "
+                    "images of one batch must share their size at --input-size native"
+                )
+            return image
         if self.resize == "squash":
             return image.resize((w, h), resample)
         scale = max(h, w) / self.crop_pct / min(image.size)
@@ -103,6 +111,50 @@ class Preprocessing:
     def to_dict(self) -> dict:
         """A JSON-ready description, recorded in the manifest."""
         return asdict(self)
+
+    def sized(self, input_size: InputSize, image_hw: tuple[int, int] | None = None) -> Preprocessing:
+        """This preprocessing at another input size (:func:`parse_input_size`): ``None`` keeps it, ``(H, W)``
+        resizes (and crops) as before to that size, ``"native"`` keeps the image's own ``image_hw``."""
+        spec = parse_input_size(input_size)
+        if spec is None:
+            return self
+        if spec == "native":
+            if image_hw is None:
+                raise OptionError("the native input size needs an image (not a preprocessed tensor)")
+            return dataclasses.replace(self, size=tuple(image_hw), resize="none", crop_pct=1.0)
+        return dataclasses.replace(self, size=spec)
+
+
+InputSize = int | tuple[int, int] | str | None
+"""An input size: ``None`` (the model's own), ``N`` (``N x N``), ``(H, W)``, ``"HxW"`` or ``"native"``."""
+
+#: Smallest and largest side accepted for an input size, in pixels.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 8, 8192
+
+
+def parse_input_size(spec: InputSize) -> tuple[int, int] | str | None:
+    """``None``, ``"native"`` or ``(H, W)`` from an input size given as ``N``, ``(H, W)``, ``"N"``, ``"HxW"``,
+    ``"native"`` or ``None`` (``"default"`` too).
+
+    Raises:
+        OptionError: anything else, or a side outside ``MIN_INPUT_SIDE .. MAX_INPUT_SIDE``.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "default")):
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "native":
+            return "native"
+        parts = text.replace("×", "x").split("x")
+        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 2):
+            raise OptionError(f"input size {spec!r}: give N (N x N pixels), HxW (e.g. 480x640) or native")
+        spec = tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0])
+    hw = (int(spec), int(spec)) if isinstance(spec, int) else tuple(int(v) for v in spec)
+    if len(hw) != 2 or not all(MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in hw):
+        raise OptionError(
+            f"input size {spec!r}: each side must be {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE} pixels (or native)"
+        )
+    return hw
 
 
 class OutputAdapter(nn.Module):

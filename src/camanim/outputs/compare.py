@@ -203,7 +203,9 @@ def read_road_source(path: str | os.PathLike) -> RoadSource:
     )
 
 
-def check_road_source(src: RoadSource, lm: Any, image: Any, target: Any = None) -> int | None:
+def check_road_source(
+    src: RoadSource, lm: Any, image: Any, target: Any = None, *, input_size: Any = None
+) -> int | None:
     """Check that ROAD values were computed for this model, weights, input and target; return the target
     the comparison must explain (the ROAD run's own, unless one is given and equal).
 
@@ -216,7 +218,7 @@ def check_road_source(src: RoadSource, lm: Any, image: Any, target: Any = None) 
     if src.weights is not None and src.weights != lm.weights:
         problems.append(f"weights {src.weights!r}, not {lm.weights!r}")
     if src.input is not None:
-        x, _, _ = prepare_input(image, lm)
+        x, _, _ = prepare_input(image, lm, input_size)
         if src.input.shape != tuple(x.shape) or not np.allclose(src.input, x.numpy(), atol=1e-6):
             problems.append(f"another input image ({src.image or 'recorded in input.npy'})")
     else:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from camanim.compute.fusion import ACTIVATIONS, FusionError, check_base
 from camanim.compute.layers import Layer, LayerSpec
 from camanim.compute.methods import method_class
-from camanim.compute.models import DEFAULT_MODEL, LoadedModel
+from camanim.compute.models import DEFAULT_MODEL, InputSize, LoadedModel, parse_input_size
 from camanim.compute.normalize import Range
 from camanim.compute.resize import shrink, upsample_by_size
 from camanim.errors import CamanimError, OptionError, UnknownNameError
@@ -656,6 +656,7 @@ def animation_request(
     score: str,
     keep_nonspatial: bool,
     fused: FusedOptions | None,
+    input_size: InputSize = None,
 ) -> dict[str, Any]:
     """What an animation asks of the model (recorded in the bundle and compared when a run resumes)."""
     request = {
@@ -667,6 +668,8 @@ def animation_request(
         "score": score,
         "keep_nonspatial": keep_nonspatial,
     }
+    if parse_input_size(input_size) is not None:
+        request["input_size"] = str(input_size)
     if fused is not None:
         request |= fused.request()
     return request
@@ -691,6 +694,7 @@ def animate(
     fps: int | None = None,
     style: Any = None,
     device: str | torch.device | None = None,
+    input_size: InputSize = None,
     explanation: Explanation | None = None,
     top_k: int | None = None,
     base: str | None = None,
@@ -718,6 +722,8 @@ def animate(
         fps: frames per second of saved videos; default plays in about 10 s.
         style: frame look.
         device: where to run the model.
+        input_size: the input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or ``"native"`` (see
+            :func:`camanim.pipelines.explain.prepare_input`).
         explanation: the raw maps to animate, already computed for this request (e.g. read back from an
             interrupted run's bundle by :func:`camanim.outputs.animation.animate` with ``reuse``); the
             model is then not run.
@@ -735,14 +741,14 @@ def animate(
     lm = as_loaded(model, device)
     request = animation_request(
         lm, methods=methods, layers=layers, target=target, score=score, keep_nonspatial=keep_nonspatial,
-        fused=fused,
+        fused=fused, input_size=input_size,
     )  # fmt: skip
     ex = explanation
     if ex is None:
         ex = explain(
             lm, image, methods=methods if fused is None else fused.base, layers=layers, target=target,
             top_k=None if fused is None else fused.k, score=score, keep_nonspatial=keep_nonspatial,
-            device=device,
+            device=device, input_size=input_size,
         )  # fmt: skip
     return Animation.from_explanation(
         ex,

@@ -31,6 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.compute.methods import parse_methods
+from camanim.compute.models import InputSize
 from camanim.compute.normalize import Range, global_range, map_range
 from camanim.errors import OptionError, UnknownNameError
 from camanim.pipelines.animate import check_colormap
@@ -154,6 +155,7 @@ def compare(
     cmap: str = "jet",
     alpha: float = 0.5,
     device: Any = None,
+    input_size: InputSize = None,
 ) -> Comparison:
     """Compare methods at a few layers of one image, every map from ONE :func:`camanim.explain` call.
 
@@ -170,6 +172,8 @@ def compare(
         score: ``"logit"``, ``"probability"`` or ``"sigmoid"``.
         cmap: the colour map of the overlays; ``alpha`` their opacity.
         device: move the model there first.
+        input_size: the input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or ``"native"`` (see
+            :func:`camanim.pipelines.explain.prepare_input`).
 
     Returns:
         A :class:`Comparison`.
@@ -178,13 +182,19 @@ def compare(
         raise UnknownNameError("normalisation", norm, NORMS)
     lm = as_loaded(model, device)
     names = parse_methods(methods)
-    x, _, _ = prepare_input(image, lm)
+    x, _, _ = prepare_input(image, lm, input_size)
     if x.shape[0] != 1:
         raise OptionError(f"compare explains one image, got a batch of {x.shape[0]}")
     table = list_layers(lm.model, x[:1].to(lm.device))
     chosen = select_conv_layers(lm.model, table, layers)
     ex = explain(
-        lm, image, methods=names, layers=[layer.name for layer in chosen], target=target, score=score
+        lm,
+        image,
+        methods=names,
+        layers=[layer.name for layer in chosen],
+        target=target,
+        score=score,
+        input_size=input_size,
     )
     ups = {(m, layer.name): ex.upsampled(m, layer.name)[0].numpy() for m in names for layer in ex.chosen}
     ranges: dict[tuple[str, str], Range] = {}

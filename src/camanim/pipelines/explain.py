@@ -32,10 +32,13 @@ from camanim.compute.methods.base import LayerTensors, compute_maps, rounding_no
 from camanim.compute.methods.perturbation import run_per_channel
 from camanim.compute.models import (
     DEFAULT_MODEL,
+    InputSize,
     LoadedModel,
     OutputSpec,
+    Preprocessing,
     class_names_for,
     load_model,
+    parse_input_size,
     wrap_model,
 )
 from camanim.compute.targets import TARGET_KINDS, resolve_class
@@ -173,14 +176,22 @@ def as_loaded(
     return lm
 
 
-def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict]:
+def prepare_input(
+    image: Any, lm: LoadedModel, input_size: InputSize = None
+) -> tuple[Tensor, np.ndarray, dict]:
     """Turn an image source into ``(input (B, 3, H, W), display (B, H, W, 3) uint8, image info)``.
 
     ``image`` is a tensor already preprocessed (``(3, H, W)`` or ``(B, 3, H, W)``), or anything
     :func:`camanim.images.load_image` accepts (path, URL, sample name, PIL image, array), or a list of those.
+    ``input_size`` (images only) overrides the model's input size: ``N``, ``(H, W)``, ``"HxW"`` or
+    ``"native"`` (the image's own size, no resizing: the CAManim paper's advice for images where detail
+    matters, such as medical ones); the info records it, and the preprocessing used under
+    ``"preprocessing"``.
     """
     prep = lm.preprocessing
     if isinstance(image, Tensor):
+        if parse_input_size(input_size) is not None:
+            raise OptionError("input_size resizes images; a preprocessed tensor is used at its own size")
         x = image[None] if image.dim() == 3 else image
         if x.dim() != 4:
             raise ImageError(f"an input tensor must be (C, H, W) or (B, C, H, W), got {list(image.shape)}")
@@ -200,6 +211,8 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
     for item in items:
         loaded = item if isinstance(item, LoadedImage) else load_image(item)
         pil: Image.Image = loaded.image
+        if not tensors:  # the first image sets the native size of the batch
+            prep = lm.preprocessing.sized(input_size, (pil.height, pil.width))
         tensors.append(prep(pil))
         displays.append(np.asarray(prep.resize_image(pil.convert("RGB")), dtype=np.uint8))
         infos.append(
@@ -211,7 +224,15 @@ def prepare_input(image: Any, lm: LoadedModel) -> tuple[Tensor, np.ndarray, dict
             }
         )
     info = infos[0] if len(infos) == 1 else {"images": infos}
+    info["input_size"] = _size_label(input_size, prep)
+    info["preprocessing"] = prep.to_dict()
     return torch.stack(tensors), np.stack(displays), info
+
+
+def _size_label(input_size: InputSize, prep: Preprocessing) -> str:
+    spec = parse_input_size(input_size)
+    h, w = prep.size
+    return f"{h}x{w}" + (" (native)" if spec == "native" else " (the model's)" if spec is None else "")
 
 
 def _target_specs(target: Any, b: int) -> list[int | str]:
@@ -250,6 +271,7 @@ def explain(
     max_channels: int | None = None,
     compile: bool = False,
     output: OutputSpec = None,
+    input_size: InputSize = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
 
@@ -276,6 +298,8 @@ def explain(
         compile: run Score-CAM's forwards through ``torch.compile`` (see :mod:`camanim.methods.perturbation`).
         output: how to read the class scores ``(B, K)`` from what the model returns (a key, an index or a
             callable; default: the tensor itself, else ``logits``, ``out`` or the first ``(B, K)`` tensor).
+        input_size: the images' input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or
+            ``"native"`` (the image's own size; see :func:`prepare_input`).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
@@ -291,8 +315,9 @@ def explain(
     instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel}
     if score not in TARGET_KINDS:
         raise UnknownNameError("score", score, TARGET_KINDS)
-    x, display, image_info = prepare_input(image, lm)
+    x, display, image_info = prepare_input(image, lm, input_size)
     x = x.to(dev)
+    preprocessing = Preprocessing(**_tuples(image_info.pop("preprocessing", lm.preprocessing.to_dict())))
     timings = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
@@ -443,7 +468,7 @@ def explain(
     return Explanation(
         model_name=lm.name,
         weights=lm.weights,
-        preprocessing=lm.preprocessing,
+        preprocessing=preprocessing,
         input=x.detach().float().cpu(),
         display=display,
         probabilities=probs,
@@ -461,6 +486,10 @@ def explain(
         output=lm.output,
         passed_over=tuple(passed_over),
     )
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def _pass_over_blank_ends(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from camanim.compute.fusion import ACTIVATIONS, check_base, fmgcam_sweep
+from camanim.compute.models import InputSize
 from camanim.errors import UnknownNameError
 from camanim.pipelines.explain import as_loaded, explain
 
@@ -106,6 +107,7 @@ def fmgcam(
     multilabel: bool = False,
     norm: str = "stack",
     device: str | torch.device | None = None,
+    input_size: InputSize = None,
 ) -> FMGCAMResult:
     """FM-G-CAM of the top-``k`` classes of one image at the chosen layers.
 
@@ -123,6 +125,8 @@ def fmgcam(
         multilabel: rank classes by sigmoid score and differentiate the sigmoid (multi-label heads).
         norm: see :func:`fuse`.
         device: move the model there first.
+        input_size: the input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or ``"native"`` (see
+            :func:`camanim.pipelines.explain.prepare_input`).
 
     Returns:
         An :class:`FMGCAMResult`.
@@ -136,5 +140,6 @@ def fmgcam(
     if activation not in ACTIVATIONS:
         raise UnknownNameError("activation", activation, ACTIVATIONS)
     lm = as_loaded(model, device)
-    ex = explain(lm, image, methods=base, layers=layers, top_k=k, score="sigmoid" if multilabel else "logit")
+    score = "sigmoid" if multilabel else "logit"
+    ex = explain(lm, image, methods=base, layers=layers, top_k=k, score=score, input_size=input_size)
     return FMGCAMResult.from_explanation(ex, base, activation, norm=norm, multilabel=multilabel)

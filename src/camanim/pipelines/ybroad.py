@@ -44,7 +44,7 @@ from camanim.compute.metrics.road import (
     _road_core,
     check_percentages,
 )
-from camanim.compute.models import DEFAULT_MODEL
+from camanim.compute.models import DEFAULT_MODEL, InputSize
 from camanim.errors import UnknownNameError
 from camanim.pipelines.explain import as_loaded, explain
 
@@ -331,6 +331,7 @@ def ybroad(
     score: str = "logit",
     keep_nonspatial: bool = False,
     device: str | torch.device | None = None,
+    input_size: InputSize = None,
     explanation: Any = None,
     checkpoint: Checkpoint | None = None,
     progress: ProgressCallback | None = None,
@@ -356,6 +357,8 @@ def ybroad(
             scores the softmax probability.
         keep_nonspatial: include 1x1 layers.
         device: where to run the model.
+        input_size: the input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or ``"native"`` (see
+            :func:`camanim.pipelines.explain.prepare_input`).
         explanation: an :class:`~camanim.explanation.Explanation` already computed (its maps are scored,
             no capture is run).
         checkpoint: a JSON file where finished layers are kept as they complete and read back from, so an
@@ -379,7 +382,7 @@ def ybroad(
         lm = as_loaded(model if model is not None else DEFAULT_MODEL, device)
         ex = explain(
             lm, image, methods=methods, layers=layers, target=target, score=score,
-            keep_nonspatial=keep_nonspatial, device=device, seed=seed,
+            keep_nonspatial=keep_nonspatial, device=device, seed=seed, input_size=input_size,
         )  # fmt: skip
     else:
         if model is None:

@@ -92,8 +92,9 @@ def animate(
         score=kwargs.get("score", "logit"),
         keep_nonspatial=kwargs.get("keep_nonspatial", False),
         fused=fused,
+        input_size=kwargs.get("input_size"),
     )
-    x, _, _ = prepare_input(image, lm)
+    x, _, _ = prepare_input(image, lm, kwargs.get("input_size"))
     if fused is not None:  # a top-K explanation holds one row per class, each the same image
         x = x.expand(fused.k, *x.shape[1:])
     ex = load_staged(reuse, request, x)

@@ -13,6 +13,7 @@ from typing import Any
 
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.road import DEFAULT_PERCENTAGES, check_percentages
+from camanim.compute.models import parse_input_size
 from camanim.outputs.study.figures import write_study_report
 from camanim.outputs.study.store import StudyStore, pyarrow_modules
 from camanim.pipelines.study.executors import make_executor
@@ -127,6 +128,7 @@ def run_study(
     score: str = "logit",
     batch_size: int = 64,
     keep_nonspatial: bool = False,
+    input_size: str | None = None,
     backend: str = "local",
     workers: int | None = None,
     address: str | None = None,
@@ -162,6 +164,7 @@ def run_study(
         imputation_space: ``"pixel"`` or ``"model"``.
         score: what the CAM differentiates.
         batch_size: perturbed images per forward.
+        input_size: the images' input size instead of the model's (``N``, ``"HxW"``, ``"native"``).
         keep_nonspatial: include 1x1 layers.
         backend: ``"local"`` or ``"ray"``.
         workers: local worker processes (default 1: in this process) or Ray actors (default: one per
@@ -194,6 +197,7 @@ def run_study(
         score=score,
         batch_size=int(batch_size),
         keep_nonspatial=bool(keep_nonspatial),
+        input_size=None if parse_input_size(input_size) is None else str(input_size),
     )
     if isinstance(images, (list, tuple)) and images and all(isinstance(i, ImageItem) for i in images):
         items = list(images)

@@ -42,7 +42,16 @@ FAILURES_FILE = "failures.json"
 SUMMARY_CSV = "summary.csv"
 SCHEMA_VERSION = 1
 #: Settings whose change makes stored numbers incomparable; a resumed study must keep them.
-FROZEN_SETTINGS = ("layers", "percentages", "seed", "imputer", "imputation_space", "score", "keep_nonspatial")
+FROZEN_SETTINGS = (
+    "layers",
+    "percentages",
+    "seed",
+    "imputer",
+    "imputation_space",
+    "score",
+    "keep_nonspatial",
+    "input_size",
+)
 KEY_COLUMNS = ("model", "checkpoint_index", "checkpoint", "image", "method")
 
 

@@ -254,6 +254,7 @@ class StudySettings:
         score: what the CAM differentiates.
         batch_size: perturbed images per forward.
         keep_nonspatial: include 1x1 layers.
+        input_size: the images' input size instead of the model's (``N``, ``"HxW"``, ``"native"``), or None.
     """
 
     layers: Any = "all"
@@ -264,6 +265,7 @@ class StudySettings:
     score: str = "logit"
     batch_size: int = 64
     keep_nonspatial: bool = False
+    input_size: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a layer list becomes a list)."""
@@ -420,6 +422,7 @@ def compute_unit(
         batch_size=settings.batch_size,
         score=settings.score,
         keep_nonspatial=settings.keep_nonspatial,
+        input_size=settings.input_size,
         device=device,
     )
     ex = res.explanation
