@@ -150,3 +150,20 @@ def test_tiny_architectures_explain_and_animate_by_the_rule(name, tmp_path):
     assert len(anim) == len(anim.explanation.chosen) > 0
     frame = anim.frame(-1)
     assert frame.ndim == 3 and frame.shape[2] == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf"]
+)
+def test_small_torchvision_models_explain_and_animate(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    layers = list_layers(model, x)
+    assert all(la.kind in ("spatial", "nonspatial") for la in layers)  # CNNs: no tokens, no channels-last
+    assert all(la.map_size == la.shape[2:] for la in layers if la.kind == "spatial")
+    lm = wrap_model(model, preprocessing=Preprocessing(size=(64, 64)))
+    anim = camanim.animate(lm, x, methods="gradcam", layers="all", size=32)
+    assert len(anim) > 5 and anim.frame(0).shape[2] == 3
