@@ -30,6 +30,8 @@ _LAZY = {
     "FMGCAMResult": "camanim.pipelines.fmgcam",
     "compare": "camanim.pipelines.compare",
     "Comparison": "camanim.pipelines.compare",
+    "embed": "camanim.pipelines.embed",
+    "Embeddings": "camanim.pipelines.embed",
     "write_report": "camanim.outputs.report",
     "run_study": "camanim.outputs.study.runner",
 }
@@ -52,6 +54,8 @@ __all__ = [
     "FMGCAMResult",
     "compare",
     "Comparison",
+    "embed",
+    "Embeddings",
     "write_report",
     "run_study",
 ]
@@ -67,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.outputs.study.runner import run_study
     from camanim.pipelines.animate import Animation
     from camanim.pipelines.compare import Comparison, compare
+    from camanim.pipelines.embed import Embeddings, embed
     from camanim.pipelines.explain import Explanation, explain
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
     from camanim.pipelines.ybroad import YbRoadResult, ybroad

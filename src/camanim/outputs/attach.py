@@ -15,12 +15,14 @@ import camanim.outputs.animation as an
 import camanim.outputs.animation.figures as afig
 import camanim.outputs.animation.frames as afr
 import camanim.outputs.compare as cmp
+import camanim.outputs.embed as emb
 import camanim.outputs.fmgcam as fm
 import camanim.outputs.ybroad as yb
 from camanim.outputs.explanation import save_explanation
-from camanim.outputs.report.notebook import explanation_html, ybroad_html
+from camanim.outputs.report.notebook import embed_html, explanation_html, ybroad_html
 from camanim.pipelines.animate import Animation
 from camanim.pipelines.compare import Comparison
+from camanim.pipelines.embed import Embeddings
 from camanim.pipelines.explain import Explanation
 from camanim.pipelines.fmgcam import FMGCAMResult
 from camanim.pipelines.ybroad import YbRoadResult
@@ -73,6 +75,8 @@ def attach() -> None:
     Comparison.boxes = property(lambda c: cmp.grid_image(c)[1], doc="Each tile's (top, left, bottom, right).")
     Comparison.figure = cmp.figure
     Comparison.save = cmp.save
+    Embeddings.save = emb.save_embeddings
+    Embeddings._repr_html_ = embed_html
 
 
 def _animation_frame(self: Animation, position: int, method: str | None = None, layout: str | None = None):

@@ -22,20 +22,21 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.resources
 import json
 import logging
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import camanim.outputs.report.tiles as T
 from camanim.errors import OutputError
 from camanim.outputs.bundle import MANIFEST, REPORT, atomic_write_bytes, read_manifest
+from camanim.outputs.report.embed import is_embed_manifest, render_embed, view_from_bundle
+from camanim.outputs.report.page import asset as _asset
+from camanim.outputs.report.page import csp_hash as _csp_hash
+from camanim.outputs.report.page import markup as _markup
+from camanim.outputs.report.page import script_json as _script_json
 from camanim.outputs.report.sections import figures, provenance
 from camanim.outputs.report.source import Source, dig, finite, from_bundle, sample_of
 from camanim.outputs.report.viewer import viewer
@@ -52,26 +53,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUALITY = 70
-
-
-def _asset(name: str) -> str:
-    return importlib.resources.files("camanim.outputs.report").joinpath(name).read_text(encoding="utf-8")
-
-
-def _script_json(obj: Any) -> str:
-    """JSON safe inside ``<script>``: no ``<``, ``>`` or ``&`` can end the block or open a comment."""
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    return (
-        text.replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028")
-        .replace("\u2029", "\\u2029")
-    )
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
 
 
 def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: int = DEFAULT_QUALITY) -> str:
@@ -169,12 +150,6 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
     )
 
 
-def _markup(text: str) -> Any:
-    from markupsafe import Markup
-
-    return Markup(text)
-
-
 def render_report(
     folder: str | os.PathLike[str],
     *,
@@ -182,7 +157,10 @@ def render_report(
     fmt: str = "webp",
     quality: int = DEFAULT_QUALITY,
 ) -> str:
-    """The report of the bundle at ``folder`` as an HTML string (see :func:`render`)."""
+    """The report of the bundle at ``folder`` as an HTML string (see :func:`render`); an embedding bundle
+    (``camanim embed``) gets its own page (:mod:`camanim.outputs.report.embed`)."""
+    if is_embed_manifest(read_manifest(folder)):
+        return render_embed(view_from_bundle(folder))
     return render(from_bundle(folder), tile=tile, fmt=fmt, quality=quality)
 
 

@@ -2,7 +2,7 @@
 
 An explanation is an overlay grid (methods x layers), an animation the report's interactive viewer inside a
 sandboxed ``<iframe srcdoc>`` (its script and styles stay isolated from the notebook), ybROAD its plot and
-summary table.
+summary table, embeddings their report page (scatter, separability curve, CKA heatmap).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import camanim.outputs.report.tiles as T
 from camanim.outputs.render import colormap_lut
 from camanim.outputs.report import render
+from camanim.outputs.report.embed import render_embed, view_from_embeddings
 from camanim.outputs.report.source import from_animation, from_explanation
 from camanim.outputs.report.viewer import relu, resize_display
 from camanim.outputs.ybroad import plot_ybroad
@@ -87,6 +88,12 @@ def explanation_html(ex: Any, *, columns: int = 11, tile: int = 112, sample: int
         f"<table style='border-collapse:collapse;font-size:11px'><caption style='text-align:left'>{caption}</caption>"
         f"<tr><th></th>{head}</tr>{''.join(rows)}</table>"
     )
+
+
+def embed_html(emb: Any, *, height: int = 1000) -> str:
+    """An :class:`~camanim.pipelines.embed.Embeddings` as its report page (scatter with a layer slider,
+    separability curve, CKA heatmap), for ``_repr_html_``."""
+    return iframe(render_embed(view_from_embeddings(emb)), height)
 
 
 def ybroad_html(res: Any) -> str:
