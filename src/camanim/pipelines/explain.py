@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from camanim.compute.images import LoadedImage, load_image
 from camanim.compute.layers import Layer, LayerSpec, default_layers, list_layers, select_layers, split_spec
 from camanim.compute.methods import get_method, method_class, parse_methods
 from camanim.compute.methods.base import LayerTensors, compute_maps, rounding_noise
+from camanim.compute.methods.passes import PassContext, run_multi_pass
 from camanim.compute.methods.perturbation import run_per_channel
 from camanim.compute.models import (
     DEFAULT_MODEL,
@@ -272,11 +273,15 @@ def explain(
     compile: bool = False,
     output: OutputSpec = None,
     input_size: InputSize = None,
+    eigen_smooth: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
 
-    Per-channel methods (Score-CAM, Ablation-CAM; never part of ``"all"``) run after that capture, from the
-    activations it recorded, with extra batched forwards (see :mod:`camanim.methods.perturbation`).
+    Per-channel methods (Score-CAM, Ablation-CAM) and multi-pass methods (ShapleyCAM, FinerCAM, guided
+    backpropagation...; never part of ``"all"``) run after that capture, for every chosen layer at once,
+    with the extra passes they need (see :mod:`camanim.compute.methods.perturbation` and
+    :mod:`camanim.compute.methods.passes`); what they cost is logged before they run.
 
     Args:
         model: a :class:`~camanim.models.LoadedModel`, a plain ``nn.Module`` (ImageNet preprocessing
@@ -300,6 +305,11 @@ def explain(
             callable; default: the tensor itself, else ``logits``, ``out`` or the first ``(B, K)`` tensor).
         input_size: the images' input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or
             ``"native"`` (the image's own size; see :func:`prepare_input`).
+        eigen_smooth: every method's map is the first principal component of its weighted activations (the
+            terms its channel sum adds up) instead of their sum, as grad-cam's ``eigen_smooth``
+            (:meth:`~camanim.compute.methods.base.CAMMethod.weighted_terms`).
+        options: options of methods that take them, by name (``alpha`` and ``comparison`` of FinerCAM,
+            ``samples`` and ``noise`` of the sampling methods...; see each method's docstring).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
@@ -312,7 +322,9 @@ def explain(
         raise OptionError("top_k explains the K most probable classes and target one class: give one of them")
     names = parse_methods(methods)
     per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
-    instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel}
+    multi = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "multi_pass"}
+    instances = {n: get_method(n, seed=seed) for n in names if n not in per_channel and n not in multi}
+    bases = {b: get_method(b, seed=seed) for m in multi.values() for b in m.bases if b not in instances}
     if score not in TARGET_KINDS:
         raise UnknownNameError("score", score, TARGET_KINDS)
     x, display, image_info = prepare_input(image, lm, input_size)
@@ -365,23 +377,28 @@ def explain(
     # parts[method][layer][k]: the map of backward pass k (one pass per class with top_k, else one).
     parts: dict[str, dict[str, list]] = {n: {} for n in names}
     flags: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in names}
-    need_grads = any(m.needs_gradients for m in instances.values())
+    need_grads = any(m.needs_gradients for m in (*instances.values(), *bases.values()))
     class_free = {n: m for n, m in instances.items() if not m.needs_gradients}
     with_grads = {n: m for n, m in instances.items() if m.needs_gradients}
 
-    kept: dict[str, Tensor] = {}  # per-chosen-layer values, only for per-channel methods
+    kept: dict[str, Tensor] = {}  # per-chosen-layer values, for per-channel and multi-pass methods
+    keep_values = bool(per_channel) or any(m.needs_values for m in multi.values())
+    base_parts: dict[str, dict[str, list]] = {b: {} for b in bases}
     zero_grad: dict[str, bool] = {}  # per layer: the gradient was zero everywhere, in every pass
     cancelled: dict[str, set[str]] = {n: set() for n in names}
 
     def consumer(layer: Layer, value: Tensor, grad: Tensor | None, k: int) -> None:
-        if per_channel and k == 0:
+        if keep_values and k == 0:
             kept[layer.name] = value
         if grad is not None:
             zero_grad[layer.name] = zero_grad.get(layer.name, True) and not bool(grad.any())
         # Gradient-free maps do not depend on the pass: computed at the first and repeated.
         todo = instances if k == 0 else with_grads
         tensors = LayerTensors(value, grad, layer.name)
-        computed = compute_maps(todo, tensors)
+        computed = compute_maps(todo, tensors, eigen_smooth=eigen_smooth)
+        if bases and grad is not None:
+            for b, m in compute_maps(bases, tensors, eigen_smooth=eigen_smooth).items():
+                base_parts[b].setdefault(layer.name, [None] * passes)[k] = m.detach()
         for n, noise in rounding_noise(todo, tensors, computed).items():
             computed[n] = computed[n].masked_fill(noise[:, None, None], 0.0)
             cancelled[n].add(layer.name)
@@ -407,7 +424,7 @@ def explain(
             f"no layer of {lm.name} has a map to explain (no spatial layer was produced; see `camanim layers`)"
         )
     # a layer is blank for every method only when every map here needs the gradient
-    blank = zero_grad if need_grads and not class_free and not per_channel else {}
+    blank = zero_grad if need_grads and not class_free and not per_channel and not multi else {}
     chosen, passed_over = _pass_over_blank_ends(list(result.chosen), asked, last_pool, blank)
     maps: dict[str, dict[str, Tensor]] = {
         n: {name: p[0] if passes == 1 else torch.cat(p) for name, p in parts[n].items()} for n in names
@@ -432,11 +449,43 @@ def explain(
             max_channels=max_channels,
             compile=compile,
         )
-        kept.clear()
         for n, per_layer in done.items():
             maps[n].update(per_layer)
             flags[n].update({k: () for k in per_layer})
         timings["per_channel"] = time.perf_counter() - t
+    if multi:
+        t = time.perf_counter()
+        ctx = PassContext(
+            model=net,
+            x=x,
+            layers=chosen,
+            classes=tuple(lazy_target.classes),
+            score=score,
+            seed=seed,
+            batch_size=batch_size,
+            options=dict(options or {}),
+            values=kept,
+            base_maps={
+                b: {name: p[0] if passes == 1 else torch.cat(p) for name, p in per.items()}
+                for b, per in base_parts.items()
+            }
+            | {b: maps[b] for m in multi.values() for b in m.bases if b in maps},
+        )
+        for n, method in multi.items():
+            forwards, backwards = method.plan(len(chosen), x.shape[0], ctx.options)
+            logger.info(
+                "%s: %d forward and %d backward passes for %d layer(s) x %d sample(s)",
+                n,
+                forwards,
+                backwards,
+                len(chosen),
+                x.shape[0],
+            )
+        for n, per_layer in run_multi_pass(multi, ctx).items():
+            maps[n].update(per_layer)
+            flags[n].update({k: () for k in per_layer})
+        kept.clear()
+        timings["multi_pass"] = time.perf_counter() - t
 
     t = time.perf_counter()
     for n in names:

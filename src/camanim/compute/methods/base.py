@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from camanim.compute.methods.projection import first_component_projection
 from camanim.errors import MethodNotFoundError
 
 _REGISTRY: dict[str, type[CAMMethod]] = {}
@@ -81,6 +82,14 @@ class CAMMethod:
         """Channel weights ``(B, C)`` of one layer."""
         raise NotImplementedError
 
+    def weighted_terms(self, t: LayerTensors) -> Tensor | None:
+        """The terms ``(B, C, h, w)`` whose sum over channels is the map (``w_c A_c`` for channel-weight
+        methods); ``eigen_smooth`` projects them on their first principal component instead. None for maps
+        that are no channel sum (EigenCAM's own projection)."""
+        if self.uses_channel_weights:
+            return self.channel_weights(t).to(t.acts.dtype)[:, :, None, None] * t.acts
+        return None
+
     def term_magnitude(self, t: LayerTensors) -> Tensor | None:
         """``sum_c |term_c|`` ``(B, h, w)`` when the map is a signed sum over channels that can cancel to zero
         exactly (see :func:`rounding_noise`); None for maps that cannot (the default)."""
@@ -100,12 +109,19 @@ class CAMMethod:
         return f"{type(self).__name__}()"
 
 
-def compute_maps(methods: Mapping[str, CAMMethod], t: LayerTensors) -> dict[str, Tensor]:
+def compute_maps(
+    methods: Mapping[str, CAMMethod], t: LayerTensors, *, eigen_smooth: bool = False
+) -> dict[str, Tensor]:
     """Every method's raw map ``(B, h, w)`` at one layer.
 
     Shared intermediates are computed once (:class:`LayerTensors`), and the maps of all channel-weight
-    methods come from one batched product with ``A`` rather than one pass over ``A`` each.
+    methods come from one batched product with ``A`` rather than one pass over ``A`` each. With
+    ``eigen_smooth`` each map is instead the projection of the method's weighted terms on their first
+    principal component (grad-cam's ``eigen_smooth``; :meth:`CAMMethod.weighted_terms`); a method without
+    such terms keeps its map.
     """
+    if eigen_smooth:
+        return {n: m for n, m in _eigen_smoothed(methods, t).items()}
     out: dict[str, Tensor] = {}
     weighted = [
         n
@@ -123,6 +139,16 @@ def compute_maps(methods: Mapping[str, CAMMethod], t: LayerTensors) -> dict[str,
         if n not in out and not (m.needs_gradients and t.grads is None):
             out[n] = m.raw_map(t)
     return {n: out[n] for n in methods if n in out}
+
+
+def _eigen_smoothed(methods: Mapping[str, CAMMethod], t: LayerTensors) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for n, m in methods.items():
+        if m.needs_gradients and t.grads is None:
+            continue
+        terms = m.weighted_terms(t)
+        out[n] = m.raw_map(t) if terms is None else first_component_projection(terms)
+    return out
 
 
 def rounding_noise(

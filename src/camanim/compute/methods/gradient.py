@@ -44,6 +44,9 @@ class HiResCAM(CAMMethod):
     def raw_map(self, t: LayerTensors) -> Tensor:
         return t.grads_times_acts.sum(dim=1)
 
+    def weighted_terms(self, t: LayerTensors) -> Tensor:
+        return t.grads_times_acts
+
     def term_magnitude(self, t: LayerTensors) -> Tensor:
         """``sum_c |G_c * A_c|``: the sum cancels exactly before a LayerNorm (see ``rounding_noise``)."""
         return t.grads_times_acts.abs().sum(dim=1)
@@ -57,6 +60,9 @@ class GradCAMElementWise(CAMMethod):
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return t.grads_times_acts.clamp_min(0).sum(dim=1)
+
+    def weighted_terms(self, t: LayerTensors) -> Tensor:
+        return t.grads_times_acts.clamp_min(0)
 
 
 @register_method("gradcam++", "gradcamplusplus", "gradcampp")
@@ -97,6 +103,9 @@ class LayerCAM(CAMMethod):
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return (t.grads.clamp_min(0) * t.acts).sum(dim=1)
+
+    def weighted_terms(self, t: LayerTensors) -> Tensor:
+        return t.grads.clamp_min(0) * t.acts
 
 
 @register_method("randomcam")
