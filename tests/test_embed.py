@@ -38,7 +38,7 @@ from camanim.outputs.bundle import MANIFEST, read_manifest, staging_path
 from camanim.outputs.embed import BATCHES, run_embed
 from camanim.outputs.report import write_report
 from camanim.outputs.video import count_frames
-from camanim.pipelines.embed import open_images
+from camanim.pipelines.imageset import EmbedError, open_images
 
 from .conftest import no_hooks
 
@@ -541,5 +541,5 @@ def test_resume_runs_only_the_missing_batches(tmp_path, digits_model):
     # other settings refuse to mix with the kept batches
     with pytest.raises(KeyboardInterrupt):
         run_embed(digits_model, "digits", tmp_path / "s", progress=stop_after_two, **kw)
-    with pytest.raises(camanim.pipelines.embed.EmbedError, match="other settings"):
+    with pytest.raises(EmbedError, match="other settings"):
         run_embed(digits_model, "digits", tmp_path / "s", resume=True, **{**kw, "batch_size": 30})

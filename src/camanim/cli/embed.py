@@ -23,7 +23,7 @@ from camanim.compute.separability import check_labels
 from camanim.errors import OptionError
 from camanim.outputs.bundle import check_output
 from camanim.outputs.embed import run_embed
-from camanim.pipelines.embed import DIGITS, EmbedError, ImageSet, open_images
+from camanim.pipelines.imageset import DIGITS, EmbedError, ImageSet, open_images
 
 logger = logging.getLogger("camanim")
 

@@ -39,7 +39,8 @@ from camanim.outputs.report import write_report
 from camanim.outputs.report.tiles import encode, pack
 from camanim.outputs.scatter import ScatterFrames, axis_limit, label_colors
 from camanim.outputs.video import default_fps, open_writer
-from camanim.pipelines.embed import BatchResult, Embeddings, EmbedError, embed
+from camanim.pipelines.embed import BatchResult, Embeddings, embed
+from camanim.pipelines.imageset import EmbedError
 
 logger = logging.getLogger(__name__)
 
