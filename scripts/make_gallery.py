@@ -2,8 +2,9 @@
 
 Runs, on the embedded default model and image: the default run (``camanim``), ybROAD (``camanim road``,
 merged into the default run's bundle when that run did not score the layers itself), FM-G-CAM
-(``camanim fmgcam``); writes the report and takes a screenshot of it in headless Chromium (Playwright with
-Debian's ``chromium``; skipped with a message when absent). The images are shrunk so the gallery stays
+(``camanim fmgcam``) and the layer-wise embeddings of scikit-learn's digits (``camanim embed``, about 5 of
+the script's minutes); writes the reports and takes screenshots of them in headless Chromium (Playwright
+with Debian's ``chromium``; skipped with a message when absent). The images are shrunk so the gallery stays
 under 1.5 MB.
 
 Usage:
@@ -95,6 +96,44 @@ def screenshot(report: Path, dst: Path) -> bool:
     return True
 
 
+def embed_screenshot(report: Path, dst: Path) -> bool:
+    """The embedding report's scatter (best layer, one point hovered) as a PNG; False without a browser."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        logger.warning("playwright is not installed: no embedding report screenshot")
+        return False
+    if not os.path.isfile(CHROMIUM):
+        logger.warning("no chromium at %s: no embedding report screenshot", CHROMIUM)
+        return False
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(report.as_uri())
+        page.wait_for_function("() => document.getElementById('scatter').dataset.layer !== undefined")
+        # hover the drawn point nearest the canvas centre, to show its thumbnail
+        at = page.evaluate(
+            """() => {
+              const c = document.getElementById('scatter'), box = c.getBoundingClientRect();
+              const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, s = c.width / box.width;
+              let best = null, bestD = Infinity;
+              for (let y = 0; y < c.height; y += 2) for (let x = 0; x < c.width; x += 2) {
+                const o = 4 * (y * c.width + x);
+                if (px[o + 3] > 200 && px[o] + px[o + 1] + px[o + 2] < 600) {
+                  const d = (x - c.width / 2) ** 2 + (y - c.height / 2) ** 2;
+                  if (d < bestD) { bestD = d; best = [box.left + x / s, box.top + y / s]; }
+                }
+              }
+              return best;
+            }"""
+        )
+        if at is not None:
+            page.mouse.move(at[0], at[1])
+        page.locator("#scatter-section").screenshot(path=str(dst))
+        browser.close()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "gallery"), help="gallery folder")
@@ -111,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             run("road", "--out", str(road), "--force")
             add_road(default, road)
         run("fmgcam", "--out", str(fused), "--force")
+        digits = work / "embed"
+        run("embed", "--images", "digits", "--out", str(digits), "--force", "--no-video")
         write_report(default)
         shrink(default / "strip.png", out / "strip.jpg", 1000)
         shrink(default / "ybroad.png", out / "ybroad.png", 900)
         shrink(fused / "fmgcam.png", out / "fmgcam.jpg", 800)
+        shrink(digits / "separability.png", out / "separability.png", 900)
         shot = work / "report.png"
         if screenshot(default / "report.html", shot):
             shrink(shot, out / "report.jpg", 900, quality=78)
+        shot = work / "embed.png"
+        if embed_screenshot(digits / "report.html", shot):
+            shrink(shot, out / "embed.jpg", 900, quality=80)
         sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
         total = sum(sizes.values())
         print(json.dumps({"gallery": str(out), "bytes": sizes, "total": total}, indent=1))
