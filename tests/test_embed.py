@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -543,3 +544,76 @@ def test_resume_runs_only_the_missing_batches(tmp_path, digits_model):
         run_embed(digits_model, "digits", tmp_path / "s", progress=stop_after_two, **kw)
     with pytest.raises(EmbedError, match="other settings"):
         run_embed(digits_model, "digits", tmp_path / "s", resume=True, **{**kw, "batch_size": 30})
+
+
+# ------------------------------------------------------------------------------------------ in a browser
+
+CHROMIUM = os.environ.get("CAMANIM_CHROMIUM", "/usr/bin/chromium")
+HOVER_A_POINT = """() => {
+  const c = document.getElementById('scatter'), box = c.getBoundingClientRect();
+  const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, s = c.width / box.width;
+  for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) {
+    const o = 4 * (y * c.width + x);
+    if (px[o + 3] > 200 && px[o] + px[o + 1] + px[o + 2] < 600) return [box.left + x / s, box.top + y / s];
+  }
+  return null;
+}"""
+
+
+def test_embed_report_in_a_browser(tmp_path, digits_model):
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the Python package playwright is not installed"
+    )
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"no chromium browser at {CHROMIUM} (apt-get install -y chromium)")
+    emb = camanim.embed(digits_model, "digits", limit=200, batch_size=50)
+    out = emb.save(tmp_path / "b", video=False)
+    names = list(emb.names)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            errors: list[str] = []
+            requests: list[str] = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto((out / "report.html").as_uri())
+            best = emb.best("knn")
+            page.wait_for_function(
+                "v => document.getElementById('scatter').dataset.layer === v", arg=str(best)
+            )
+            assert page.text_content("#layer-name") == names[best]
+            assert page.text_content("#layer-pos") == f"{best + 1} / {len(names)}"
+            assert "(best layer)" in page.text_content("#score-knn")
+            page.click("h1")
+            page.keyboard.press("Home")
+            assert page.text_content("#layer-name") == names[0] and page.input_value("#slider") == "0"
+            page.keyboard.press("ArrowRight")
+            assert page.text_content("#layer-name") == names[1]
+            # a point of the separability curve, and a row of the CKA heatmap, show their layer
+            page.click(f"#curve circle[data-layer='{len(names) - 1}'] >> nth=0")
+            assert page.text_content("#layer-name") == names[-1]
+            page.locator("#cka").scroll_into_view_if_needed()
+            box = page.locator("#cka").bounding_box()
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] - 5)  # bottom row: layer 1
+            assert page.text_content("#layer-name") == names[0]
+            assert "CKA" in page.text_content("#cka-note")
+            # hovering a point shows its image's id and label
+            page.locator("#scatter").scroll_into_view_if_needed()
+            page.wait_for_timeout(300)  # the glide between layouts
+            at = page.evaluate(HOVER_A_POINT)
+            assert at is not None
+            page.mouse.move(at[0], at[1])
+            assert page.is_visible("#tip") and page.text_content("#tip-id").startswith("digits/")
+            assert page.text_content("#tip-label").startswith("label: ")
+            page.click("#legend button[data-class='3']")
+            assert page.get_attribute("#legend button[data-class='3']", "aria-pressed") == "true"
+            assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests), (
+                errors,
+                requests,
+            )
+        finally:
+            browser.close()
