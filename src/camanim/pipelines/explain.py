@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,9 +25,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from camanim.compute.capture import capture
+from camanim.compute.capture import capture, frozen_eval
 from camanim.compute.images import LoadedImage, load_image
-from camanim.compute.layers import Layer, LayerSpec, default_layers, list_layers, select_layers, split_spec
+from camanim.compute.layers import (
+    Layer,
+    LayerSpec,
+    default_layers,
+    list_layers,
+    model_errors,
+    select_layers,
+    split_spec,
+)
 from camanim.compute.methods import get_method, method_class, parse_methods
 from camanim.compute.methods.base import LayerTensors, compute_maps, rounding_noise
 from camanim.compute.methods.passes import PassContext, run_multi_pass
@@ -274,6 +283,7 @@ def explain(
     output: OutputSpec = None,
     input_size: InputSize = None,
     eigen_smooth: bool = False,
+    aug_smooth: bool = False,
     options: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Compute every method's raw map at every chosen layer from one forward and one backward pass.
@@ -308,12 +318,22 @@ def explain(
         eigen_smooth: every method's map is the first principal component of its weighted activations (the
             terms its channel sum adds up) instead of their sum, as grad-cam's ``eigen_smooth``
             (:meth:`~camanim.compute.methods.base.CAMMethod.weighted_terms`).
+        aug_smooth: average every map over the six test-time augmentations of grad-cam's ``aug_smooth``
+            (horizontal flip, intensity x0.9, x1, x1.1), flipped back at the layer's resolution; all six
+            go through one capture as one batch (see :data:`AUGMENTATIONS`).
         options: options of methods that take them, by name (``alpha`` and ``comparison`` of FinerCAM,
             ``samples`` and ``noise`` of the sampling methods...; see each method's docstring).
 
     Returns:
         An :class:`Explanation` with raw maps on the CPU.
     """
+    if aug_smooth:
+        return _aug_smoothed(
+            model, image, device=device, output=output, input_size=input_size, target=target, top_k=top_k,
+            score=score, methods=methods, layers=layers, keep_nonspatial=keep_nonspatial,
+            keep_duplicates=keep_duplicates, seed=seed, batch_size=batch_size, max_channels=max_channels,
+            compile=compile, eigen_smooth=eigen_smooth, options=options,
+        )  # fmt: skip
     t0 = time.perf_counter()
     lm = as_loaded(model, device, output)
     net = lm.model
@@ -534,6 +554,54 @@ def explain(
         logits=output.detach().float().cpu(),
         output=lm.output,
         passed_over=tuple(passed_over),
+    )
+
+
+#: grad-cam's default test-time augmentations (ttach's ``HorizontalFlip`` x ``Multiply([0.9, 1, 1.1])``), in
+#: its order: ``(flip, factor)``; the factor multiplies the model's input.
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+
+
+def _aug_smoothed(
+    model: Any, image: Any, *, device: Any, output: OutputSpec, input_size: InputSize, target: Any,
+    top_k: int | None, **kwargs: Any,
+) -> Explanation:  # fmt: skip
+    """:func:`explain` averaged over :data:`AUGMENTATIONS`: one capture of the six augmented copies."""
+    if top_k is not None:
+        raise OptionError("aug_smooth explains one class per image; it does not combine with top_k")
+    lm = as_loaded(model, device, output)
+    x, display, info = prepare_input(image, lm, input_size)
+    b = x.shape[0]
+    if target is None:  # the classes of the image itself, not of each augmented copy
+        with frozen_eval(lm.model), torch.no_grad(), model_errors(x):
+            target = [int(c) for c in lm.model(x.to(lm.device)).argmax(dim=1)]
+    specs = _target_specs(target, b)
+    xs = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in AUGMENTATIONS])
+    ex = explain(lm, xs, target=specs * len(AUGMENTATIONS), **kwargs)
+    n = len(AUGMENTATIONS)
+
+    def average(m: Tensor) -> Tensor:
+        parts = m.reshape(n, b, *m.shape[1:])
+        return torch.stack(
+            [p.flip(-1) if flip else p for p, (flip, _) in zip(parts, AUGMENTATIONS, strict=True)]
+        ).mean(0)
+
+    identity = AUGMENTATIONS.index((False, 1.0))
+    rows = slice(identity * b, (identity + 1) * b)
+    return dataclasses.replace(
+        ex,
+        input=x.float().cpu(),
+        display=display,
+        probabilities=ex.probabilities[rows],
+        targets=ex.targets[rows],
+        target_names=ex.target_names[rows],
+        maps={m: {name: average(t) for name, t in per.items()} for m, per in ex.maps.items()},
+        image_info={
+            **{k: v for k, v in info.items() if k != "preprocessing"},
+            "aug_smooth": list(AUGMENTATIONS),
+        },
+        logits=None if ex.logits is None else ex.logits[rows],
+        preprocessing=Preprocessing(**_tuples(info.get("preprocessing", lm.preprocessing.to_dict()))),
     )
 
 

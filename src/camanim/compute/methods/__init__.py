@@ -1,11 +1,27 @@
 """CAM methods, registered by name: one module per family (:mod:`.gradient`, :mod:`.eigen`,
-:mod:`.perturbation`), each method a small class on :class:`~.base.CAMMethod`.
+:mod:`.perturbation`, :mod:`.second_order`, ...), each method a small class on :class:`~.base.CAMMethod`.
 
-Importing this package imports every family, which registers its methods (the import order sets the
-listing order of :func:`list_methods`).
+Importing this package imports every family, which registers its methods (listed family by family in
+:data:`~.base.FAMILY_ORDER`).
 """
 
-from camanim.compute.methods import eigen, gradient, perturbation  # noqa: F401  (registers the methods)
+from camanim.compute.methods import (  # noqa: F401  (registers the methods)
+    activation,
+    attention,
+    classifier,
+    eigen,
+    factorization,
+    finer,
+    fullgrad,
+    gradient,
+    guided,
+    perturbation,
+    refine,
+    sampling,
+    scale,
+    score,
+    second_order,
+)
 from camanim.compute.methods.base import (
     CAMMethod,
     get_method,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -35,10 +35,14 @@ class LayerTensors:
         acts: ``A``, ``(B, C, h, w)``.
         grads: ``G``, ``(B, C, h, w)``, or ``None`` when no gradient reached the layer.
         key: the layer's name (seeded methods derive their draw from it).
+        options: method options by name, as given to ``explain`` (``kernel`` of KPCA-CAM...).
     """
 
-    def __init__(self, acts: Tensor, grads: Tensor | None, key: str = "") -> None:
+    def __init__(
+        self, acts: Tensor, grads: Tensor | None, key: str = "", options: Mapping[str, Any] | None = None
+    ) -> None:
         self.acts, self.grads, self.key = acts, grads, key
+        self.options: Mapping[str, Any] = options or {}
 
     @cached_property
     def grads_times_acts(self) -> Tensor:
@@ -59,7 +63,12 @@ class CAMMethod:
         paper: the paper the rule comes from.
         needs_gradients: whether the map uses the gradient.
         class_discriminative: whether the map depends on the target class.
-        cost: ``"one_pass"`` (computed from the shared capture) or ``"per_channel"`` (extra forwards).
+        cost: ``"one_pass"`` (computed from the shared capture), ``"one_pass_quadratic"`` (from the shared
+            capture too, but with time and memory quadratic in a layer's positions, so ``"all"`` leaves it
+            out), ``"per_channel"`` (extra forwards per channel) or ``"multi_pass"`` (passes of its own:
+            :mod:`.passes`).
+        passes: the forward and backward passes it needs for ``N`` layers, in words (``camanim explain
+            --help`` and the README show it); empty for the default of its cost class (:func:`pass_summary`).
         relu: whether the displayed map is the raw map after ReLU (true for every method here, as in grad-cam).
     """
 
@@ -68,6 +77,7 @@ class CAMMethod:
     needs_gradients: ClassVar[bool] = True
     class_discriminative: ClassVar[bool] = True
     cost: ClassVar[str] = "one_pass"
+    passes: ClassVar[str] = ""
     relu: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0) -> None:
@@ -99,11 +109,17 @@ class CAMMethod:
         """The raw map ``(B, h, w)``: by default ``sum_c w_c A_c`` with :meth:`channel_weights`."""
         return torch.einsum("bc,bchw->bhw", self.channel_weights(t).to(t.acts.dtype), t.acts)
 
-    def __call__(self, acts: Tensor, grads: Tensor | None = None, layer_key: str = "") -> Tensor:
+    def __call__(
+        self,
+        acts: Tensor,
+        grads: Tensor | None = None,
+        layer_key: str = "",
+        options: Mapping[str, Any] | None = None,
+    ) -> Tensor:
         """The raw map ``(B, h, w)`` from ``acts`` and ``grads`` ``(B, C, h, w)``."""
         if self.needs_gradients and grads is None:
             raise ValueError(f"{self.name} needs gradients")
-        return self.raw_map(LayerTensors(acts, grads, layer_key))
+        return self.raw_map(LayerTensors(acts, grads, layer_key, options))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -195,7 +211,37 @@ def register_method(name: str, *aliases: str):
 
 
 #: Listing order of the method families (modules of :mod:`camanim.compute.methods`); others come last.
-FAMILY_ORDER = ("gradient", "eigen", "perturbation")
+FAMILY_ORDER = (
+    "gradient",
+    "eigen",
+    "second_order",
+    "finer",
+    "guided",
+    "perturbation",
+    "classifier",
+    "activation",
+    "factorization",
+    "fullgrad",
+    "sampling",
+    "score",
+    "refine",
+    "scale",
+    "attention",
+)
+
+#: What a method of each cost class needs for ``N`` layers, unless it says more (:attr:`CAMMethod.passes`).
+PASSES_BY_COST = {
+    "one_pass": "the shared capture: 1 forward + 1 backward for all N layers",
+    "one_pass_quadratic": "the shared capture: 1 forward + 1 backward for all N layers",
+    "per_channel": "sum over the N layers of C_l forwards per image (batched), no backward",
+    "multi_pass": "passes of its own (see its docstring)",
+}
+
+
+def pass_summary(cls: type[CAMMethod]) -> str:
+    """The passes a method needs for ``N`` layers, in words: its own :attr:`~CAMMethod.passes` or its cost
+    class's default."""
+    return cls.passes or PASSES_BY_COST.get(cls.cost, cls.cost)
 
 
 def _family_rank(cls: type[CAMMethod]) -> int:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from camanim.compute.layers import Layer, LayerTracker, as_bchw, list_layers, modified_in_place
+from camanim.compute.layers import Layer, LayerTracker, list_layers, modified_in_place
 from camanim.compute.methods.base import CAMMethod
 from camanim.compute.targets import TARGET_KINDS, Target
 
@@ -102,9 +102,13 @@ def run_multi_pass(methods: Mapping[str, MultiPassMethod], ctx: PassContext) -> 
 
 
 @contextlib.contextmanager
-def hooked_outputs(model: nn.Module, x: Tensor, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+def hooked_outputs(
+    model: nn.Module, x: Tensor, names: Sequence[str]
+) -> Iterator[dict[str, tuple[Tensor, Layer]]]:
     """While the block runs a forward of ``model``, collect the outputs of the layers ``names`` as they are
-    in the graph (not detached), each as ``(B, C, h, w)`` by its kind.
+    in the graph (not detached, in the module's own layout: differentiate with respect to them, then read
+    them and their gradients as ``(B, C, h, w)`` with :func:`~camanim.compute.layers.as_bchw`), with their
+    :class:`~camanim.compute.layers.Layer`.
 
     An output a later operation modifies in place (found by the dry run) is replaced, for the rest of the
     forward, by a copy, so the collected tensor keeps its value at hook time and its gradient is that of
@@ -114,13 +118,13 @@ def hooked_outputs(model: nn.Module, x: Tensor, names: Sequence[str]) -> Iterato
     known = list_layers(model, x[:1])
     modified = modified_in_place(model, x[:1]) or frozenset(wanted)
     tracker = LayerTracker(model, x, known)
-    outputs: dict[str, Tensor] = {}
+    outputs: dict[str, tuple[Tensor, Layer]] = {}
 
     def hook(module: nn.Module, _inputs: tuple, output: object) -> object:
         layer = tracker.observe(module, output)
         if layer.name not in wanted or not isinstance(output, Tensor):
             return None
-        outputs[layer.name] = as_bchw(output, layer)
+        outputs[layer.name] = (output, layer)
         return output.clone() if layer.name in modified else None
 
     handles = [m.register_forward_hook(hook) for m in tracker.names]
