@@ -286,7 +286,7 @@ def section(res: dict, args) -> str:
         "",
         f"`python benchmarks/bench_memory_b7.py{' ' + ' '.join(args.argv) if args.argv else ''}` "
         f"({datetime.date.today().isoformat()}): torchvision EfficientNet-b7 (random weights, seed 0), `chelsea` at "
-        f"{hw}, {camanim_source()}, CPU, {torch.get_num_threads()} threads; {os.cpu_count()} shared cores, 1-min load average "
+        f"{hw}, {res.get('camanim') or camanim_source()}, CPU, {torch.get_num_threads()} threads; {os.cpu_count()} shared cores, 1-min load average "
         f"{min(res['load']):.1f} to {max(res['load']):.1f}. Each row: a fresh subprocess that loads the model and "
         "input, resets its peak RSS (`/proc/self/clear_refs`), runs once and reads `VmHWM`; peak extra = peak "
         "minus the RSS after loading. glibc's mmap threshold pinned at 128 KiB (as in `bench_engine.py`), and "
@@ -324,6 +324,20 @@ def section(res: dict, args) -> str:
             f"| {s['end_mib']:.0f} | {s['s']:.1f} |"
         )
     c = st["counts"]
+    by = {s["stage"].split(":")[0].split("(")[0].strip(): s for s in st["stages"]}
+    over = (by["explain"]["peak_mib"] - by["explain"]["start_mib"]) - (
+        by["floor"]["peak_mib"] - by["floor"]["start_mib"]
+    )
+    copies = st["sizes_mib"]["capture's copies (swept outputs modified in place later)"]
+    lines += [
+        "",
+        f"Where the memory goes: the explain stage peaks {over:.0f} MiB above the floor, which is the capture's "
+        f"copies at hook time ({copies:.0f} MiB: {c['copied']} swept outputs that the forward pass modifies in "
+        "place later, EfficientNet's BatchNorm outputs before an in-place SiLU, must be copied to keep the value "
+        "the gradient refers to); every other swept output is held by reference to what autograd saves anyway. "
+        f"The raw maps ({st['sizes_mib']['raw maps kept (explanation)']:.0f} MiB), the ranges (upsampled "
+        f"{128} maps at a time) and the rendering stay far below the forward pass's own memory.",
+    ]
     lines += [
         "",
         f"What is held (MiB): {'; '.join(f'{k} {v:.0f}' for k, v in st['sizes_mib'].items())}. Layers: {c['layers']} "
@@ -354,6 +368,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=None, help="input size (default: the model's own, 600)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help=f"report a saved run (each run saves {tempfile.gettempdir()}/bench_memory_b7.json)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -366,11 +386,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages:
         print(json.dumps(stages_child(args.size)))
         return
-    res = measure(args)
+    json_out = Path(tempfile.gettempdir()) / "bench_memory_b7.json"
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        args.argv = res.get("argv", [])
+    else:
+        res = measure(args)
+        res["argv"] = args.argv
+        res["camanim"] = camanim_source()
+        json_out.write_text(json.dumps(res, indent=1))
     text = section(res, args)
     print("\n" + text)
-    json_out = Path(tempfile.gettempdir()) / "bench_memory_b7.json"
-    json_out.write_text(json.dumps(res, indent=1))
     if args.write:
         write_results(text)
         print(f"updated {RESULTS}")

@@ -483,7 +483,8 @@ def load_rows(state: Path, models) -> list[dict]:
 
 def kind_audit(rows: list[dict]) -> dict:
     """Layers whose kind deserves a look: maps from modules named or typed like attention/windows, and
-    4-D or 3-D nonspatial outputs with the batch axis; plus, per module type, the kinds it was given."""
+    4-D or 3-D nonspatial outputs with the batch axis (1x1 maps left out); plus, per module type, the kinds
+    it was given."""
     suspects, nonspatial_nd, by_type = [], [], collections.defaultdict(collections.Counter)
     for row in rows:
         for name, typ, kind, shape, map_size, prefix in row.get("table", []):
@@ -491,7 +492,8 @@ def kind_audit(rows: list[dict]) -> dict:
             model = f"{row['source']}:{row['name']}"
             if kind != "nonspatial" and (SUSPECT.search(name.rsplit(".", 1)[-1]) or SUSPECT.search(typ)):
                 suspects.append((model, row.get("size"), name, typ, kind, shape, map_size, prefix))
-            if kind == "nonspatial" and len(shape) in (3, 4) and shape[0] == 1:
+            trivial = len(shape) == 4 and (shape[2] * shape[3] == 1 or shape[1] * shape[2] == 1)
+            if kind == "nonspatial" and len(shape) in (3, 4) and shape[0] == 1 and not trivial:
                 nonspatial_nd.append((model, row.get("size"), name, typ, shape))
     return {"suspects": suspects, "nonspatial_nd": nonspatial_nd, "by_type": by_type}
 
