@@ -39,7 +39,7 @@ from camanim.outputs.bundle import MANIFEST, read_manifest, staging_path
 from camanim.outputs.embed import BATCHES, run_embed
 from camanim.outputs.report import write_report
 from camanim.outputs.video import count_frames
-from camanim.pipelines.imageset import EmbedError, open_images
+from camanim.pipelines.imageset import EmbedError, open_images, stratified_sample
 
 from .conftest import no_hooks
 
@@ -333,6 +333,19 @@ def test_input_size_resizes_every_image(digits_model):
     assert digits_model.preprocessing.size == (SIZE, SIZE)  # the loaded model itself is unchanged
 
 
+def test_samples_are_stratified_and_capped(digits_model):
+    labels = ["a"] * 100 + ["b"] * 50 + ["c"] * 10
+    pick = stratified_sample(labels, 160, 32, seed=0)
+    counts = {c: sum(labels[i] == c for i in pick) for c in "abc"}
+    assert len(pick) == len(set(pick)) == 32 and all(abs(counts[c] - 32 * n / 160) <= 1 for c, n in
+                                                      (("a", 100), ("b", 50), ("c", 10)))  # fmt: skip
+    emb = camanim.embed(digits_model, "digits", limit=200, batch_size=50, max_points=50, metric_images=60)
+    assert emb.settings["metric_images_used"] == 60 and len(emb.shown) == 50
+    assert emb.projections["fc"].shape == (50, 2) and emb.thumbnails.shape[0] == 50
+    assert emb.vectors["fc"].shape == (200, 10)
+    assert sorted({emb.labels[i] for i in emb.shown}) == [str(d) for d in range(10)]
+
+
 def test_model_left_as_found_even_when_it_raises():
     torch.manual_seed(0)
     model = DigitsCNN().train()
@@ -531,9 +544,11 @@ def test_resume_runs_only_the_missing_batches(tmp_path, digits_model):
     with pytest.raises(KeyboardInterrupt):
         run_embed(digits_model, "digits", out, progress=stop_after_two, **kw)
     stage = staging_path(out)
-    assert len(list((stage / BATCHES).glob("batch_*.npz"))) == 2 and not out.exists()
+    kept = sorted((stage / BATCHES).glob("batch_*.npz"))
+    assert len(kept) == 2 and not out.exists()
+    kept[1].write_bytes(kept[1].read_bytes()[:100])  # a torn file: that batch runs again
     emb, path = run_embed(digits_model, "digits", out, resume=True, **kw)
-    assert emb.settings["resumed_batches"] == 2 and emb.settings["forwards"] == 4
+    assert emb.settings["resumed_batches"] == 1 and emb.settings["forwards"] == 5
     assert not stage.exists() and not (path / BATCHES).exists()
     fresh, _ = run_embed(digits_model, "digits", tmp_path / "fresh", **kw)
     for name in emb.names:

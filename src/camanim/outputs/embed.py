@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,27 +62,34 @@ class NpzBatchCheckpoint:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
 
-    def load(self, fingerprint: Mapping[str, Any]) -> dict[int, BatchResult]:
+    def finished(self, fingerprint: Mapping[str, Any]) -> set[int]:
         settings = self.folder / "settings.json"
         if not settings.is_file():
-            return {}
+            return set()
         try:
             before = json.loads(settings.read_text())
         except (OSError, ValueError):
-            return {}
+            return set()
         if before != json.loads(json.dumps(dict(fingerprint))):
             changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
             raise EmbedError(
-                f"the interrupted run kept in {str(self.folder.parent)!r} used other settings ({', '.join(changed)}): "
-                "rerun it with the same options, or without --resume to start again"
+                f"the interrupted run kept in {str(self.folder.parent)!r} used other settings "
+                f"({', '.join(changed)}): rerun it with the same options, or without --resume to start again"
             )
-        out = {}
-        for path in sorted(self.folder.glob("batch_*.npz")):
-            try:
-                out[int(path.stem.split("_")[1])] = _read_batch(path)
-            except (OSError, ValueError, KeyError) as exc:  # a torn file: that batch runs again
-                logger.warning("ignoring unreadable batch file %s (%s)", path, exc)
-        return out
+        return {int(p.stem.split("_")[1]) for p in self.folder.glob("batch_*.npz")}
+
+    def read(self, number: int) -> BatchResult | None:
+        path = self.folder / f"batch_{number:06d}.npz"
+        try:
+            return _read_batch(path)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            zipfile.BadZipFile,
+        ) as exc:  # a torn file: that batch runs again
+            logger.warning("ignoring unreadable batch file %s (%s)", path, exc)
+            return None
 
     def save(self, number: int, result: BatchResult, fingerprint: Mapping[str, Any]) -> None:
         settings = self.folder / "settings.json"

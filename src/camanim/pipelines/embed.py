@@ -62,7 +62,14 @@ from camanim.compute.similarity import MIN_BATCH, MinibatchCKA, hsic_matrix
 from camanim.compute.targets import OutputSpec
 from camanim.errors import LayerSelectionError, OptionError
 from camanim.pipelines.explain import as_loaded
-from camanim.pipelines.imageset import DIGITS, THUMBNAIL, EmbedError, ImageSet, open_images
+from camanim.pipelines.imageset import (
+    DIGITS,
+    THUMBNAIL,
+    EmbedError,
+    ImageSet,
+    open_images,
+    stratified_sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +109,17 @@ class BatchResult:
 
 
 class BatchCheckpoint(Protocol):
-    """Where finished batches are kept so an interrupted run can resume (see :mod:`camanim.outputs.embed`)."""
+    """Where finished batches are kept so an interrupted run can resume (see :mod:`camanim.outputs.embed`).
 
-    def load(self, fingerprint: Mapping[str, Any]) -> dict[int, BatchResult]:
-        """The finished batches of an earlier run with the same ``fingerprint`` (else none)."""
+    Batches are read back one at a time, as the run reaches them, so a resumed run holds no more memory
+    than an uninterrupted one.
+    """
+
+    def finished(self, fingerprint: Mapping[str, Any]) -> set[int]:
+        """The numbers of the batches an earlier run with the same ``fingerprint`` finished (else none)."""
+
+    def read(self, number: int) -> BatchResult | None:
+        """Finished batch ``number``, or ``None`` when it cannot be read back (it then runs again)."""
 
     def save(self, number: int, result: BatchResult, fingerprint: Mapping[str, Any]) -> None:
         """Keep batch ``number``."""
@@ -331,12 +345,6 @@ def _batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
     return [np.asarray(b) for b in np.array_split(order, max(1, math.ceil(n / batch_size)))]
 
 
-def _shown(n: int, max_points: int, seed: int) -> np.ndarray:
-    if n <= max_points:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed + 2).choice(n, max_points, replace=False))
-
-
 def _fingerprint(lm: LoadedModel, imgs: ImageSet, names: Sequence[str], settings: Mapping[str, Any]) -> dict:
     digest = hashlib.sha1("\n".join(imgs.ids).encode()).hexdigest()
     return {
@@ -503,13 +511,14 @@ def embed(
     # ---- the stream: one forward per batch
     t = time.perf_counter()
     batches = _batches(n, batch_size, seed)
-    shown = _shown(n, max_points, seed)
+    shown = np.arange(n) if n <= max_points else stratified_sample(imgs.labels, n, max_points, seed + 2)
     is_shown = np.zeros(n, bool)
     is_shown[shown] = True
     fingerprint = _fingerprint(lm, imgs, names, settings)
-    done = checkpoint.load(fingerprint) if checkpoint is not None else {}
+    done = checkpoint.finished(fingerprint) if checkpoint is not None else set()
     if done:
         logger.info("resuming: %d of %d batches already done", len(done), len(batches))
+    resumed = 0
     vectors = {nm: np.zeros((n, rp.out_dim(d)), np.float32) for nm, d in zip(names, dims, strict=True)}
     full = (
         {nm: np.zeros((n, d), np.float32) for nm, d in zip(names, dims, strict=True)} if keep_full else None
@@ -523,7 +532,8 @@ def embed(
     forwards = 0
 
     for number, index in enumerate(batches):
-        res = done.get(number)
+        res = checkpoint.read(number) if checkpoint is not None and number in done else None
+        resumed += res is not None
         if res is None:
             x, th = imgs.load(index, lm, thumbnail)
             res = embed_batch(net, x.to(lm.device), names, rp, tokens=tokens, keep_full=keep_full)
@@ -548,7 +558,7 @@ def embed(
     timings["forward"] = time.perf_counter() - t
     settings["forwards"] = forwards
     settings["batches"] = len(batches)
-    settings["resumed_batches"] = len(done)
+    settings["resumed_batches"] = resumed
 
     # ---- per layer: separability and projection
     t = time.perf_counter()
@@ -557,9 +567,7 @@ def embed(
     if imgs.labels is not None:
         y, classes = encode_labels(imgs.labels)
         scored = (
-            np.arange(n)
-            if n <= metric_images
-            else np.sort(np.random.default_rng(seed + 1).choice(n, metric_images, replace=False))
+            np.arange(n) if n <= metric_images else stratified_sample(imgs.labels, n, metric_images, seed + 1)
         )
         settings["metric_images_used"] = len(scored)
         seps = {}

@@ -262,12 +262,13 @@ def open_images(
         if limit < 1:
             raise OptionError(f"limit must be at least 1, got {limit}")
         if limit < len(imgset):
-            imgset = imgset.subset(_sample(imgset.labels, len(imgset), limit, seed))
+            imgset = imgset.subset(stratified_sample(imgset.labels, len(imgset), limit, seed))
     return imgset
 
 
-def _sample(labels: Sequence[str] | None, n: int, size: int, seed: int) -> np.ndarray:
-    """``size`` of ``n`` positions, seeded and sorted; stratified by label (each label keeps its share)."""
+def stratified_sample(labels: Sequence[str] | None, n: int, size: int, seed: int) -> np.ndarray:
+    """``size`` of ``n`` positions, seeded and sorted; stratified by label (each label keeps its share, within
+    one image) when there are labels."""
     rng = np.random.default_rng(seed)
     if labels is None:
         return np.sort(rng.choice(n, size, replace=False))
