@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from camanim.cli import embed, study
+from camanim.cli import embed, layerwise, study
 from camanim.cli.checks import check
 from camanim.cli.commands import (
     cmd_animate,
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study.add_parser(sub)
     embed.add_parser(sub)
+    layerwise.add_parser(sub)
     return parser
 
 

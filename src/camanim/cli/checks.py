@@ -37,6 +37,8 @@ def check(args: argparse.Namespace) -> None:
         raise OptionError(
             "--top-k explains the K most probable classes and --target one class you name: give one of them"
         )
+    if getattr(args, "by", None) and not is_best(args):
+        raise OptionError("--by METRIC picks the layer for --layers best: give both, or neither")
     if command in ("animate", "run"):
         fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
         fused = fused_options(args.methods, target=args.target, **fmgcam)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from camanim.cli.checks import is_best
+from camanim.cli.layerwise import best_layer_by
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -291,12 +292,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _layers_or_best(args: argparse.Namespace, lm):
-    """The ``--layers`` selection; ``best`` runs ybROAD for the first method and picks its max layer."""
+    """The ``--layers`` selection; ``best`` runs ybROAD for the first method and picks its max layer (or,
+    with ``--by METRIC``, the best layer by that faithfulness metric)."""
     text = str(getattr(args, "layers", "all"))
     if not is_best(args):
         return _layer_spec(text)
 
     method = parse_methods(getattr(args, "methods", "gradcam"))[0]
+    if getattr(args, "by", None) not in (None, "road"):  # another faithfulness metric picks the layer
+        with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
+            return best_layer_by(args, lm, method, progress)
     with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
         res = ybroad(
             lm,

@@ -16,7 +16,9 @@ import camanim.outputs.animation.figures as afig
 import camanim.outputs.animation.frames as afr
 import camanim.outputs.compare as cmp
 import camanim.outputs.embed as emb
+import camanim.outputs.faithfulness as fa
 import camanim.outputs.fmgcam as fm
+import camanim.outputs.sanity as sa
 import camanim.outputs.ybroad as yb
 from camanim.outputs.explanation import save_explanation
 from camanim.outputs.report.notebook import embed_html, explanation_html, ybroad_html
@@ -24,7 +26,9 @@ from camanim.pipelines.animate import Animation
 from camanim.pipelines.compare import Comparison
 from camanim.pipelines.embed import Embeddings
 from camanim.pipelines.explain import Explanation
+from camanim.pipelines.faithfulness import FaithfulnessResult
 from camanim.pipelines.fmgcam import FMGCAMResult
+from camanim.pipelines.sanity import SanityResult
 from camanim.pipelines.ybroad import YbRoadResult
 
 
@@ -54,6 +58,8 @@ def attach() -> None:
     FMGCAMResult.save = fm.save_result
     YbRoadResult.save = yb.save_result
     YbRoadResult._repr_html_ = _ybroad_html
+    FaithfulnessResult.save = fa.save_result
+    SanityResult.save = sa.save_result
     Animation.overlays = afr.overlays
     Animation.target_text = afr.target_text
     Animation.caption = afr.caption

@@ -41,12 +41,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +53,28 @@ import torch
 from torch import Tensor, nn
 
 from camanim.compute.capture import frozen_eval
+from camanim.compute.metrics.engine import (  # noqa: F401  (re-exported: ybROAD and benchmarks import them here)
+    OPTIMIZE_ATOL,
+    MapsLike,
+    MetricError,
+    Perturbation,
+    PerturbationContext,
+    ProgressCallback,
+    _as_image,
+    _as_maps,
+    _counts,
+    _device,
+    _forward_copy,
+    _mask_digest,
+    _noise_generator,
+    _probabilities,
+    _tie_keys,
+    impute,
+    removal_order,
+    score_units,
+)
 from camanim.compute.metrics.imputers import NoisyLinearImputer, get_imputer
-from camanim.errors import CamanimError, UnknownNameError
+from camanim.errors import UnknownNameError
 
 __all__ = [
     "DEFAULT_PERCENTAGES",
@@ -97,12 +115,9 @@ DEFINITION: dict[str, str] = {
     "values match the mean",
 }
 
-MapsLike = Tensor | np.ndarray | Mapping[Any, Tensor | np.ndarray] | Sequence[Tensor | np.ndarray]
-ProgressCallback = Callable[[int, int], None]
 
-
-class RoadError(CamanimError, ValueError):
-    """Inputs of the wrong shape or values out of range for ROAD."""
+#: Raised for inputs of the wrong shape or values out of range; the error of every perturbation metric.
+RoadError = MetricError
 
 
 @dataclass(frozen=True)
@@ -157,29 +172,6 @@ class RoadScores:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _tie_keys(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([int(seed), n, 0x70AD]).random(n)
-
-
-def removal_order(saliency: Tensor | np.ndarray, seed: int = 0) -> np.ndarray:
-    """Pixel indices (row-major) from least to most relevant, ties broken by a seeded random key.
-
-    Args:
-        saliency: ``(H, W)`` map at input resolution.
-        seed: seed of the tie-break keys (the same keys for every map of that size).
-
-    Returns:
-        ``(H * W,)`` int64 permutation.
-    """
-    m = saliency.detach().cpu().numpy() if isinstance(saliency, Tensor) else np.asarray(saliency)
-    flat = np.nan_to_num(m.astype(np.float64, copy=False).ravel(), nan=0.0)
-    return np.lexsort((_tie_keys(flat.size, seed), flat))
-
-
-def _counts(n: int, percentages: Sequence[float]) -> list[int]:
-    return [int(round(p / 100.0 * n)) for p in percentages]
-
-
 def removal_masks(
     saliency: Tensor | np.ndarray, percentages: Sequence[float] = DEFAULT_PERCENTAGES, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -220,131 +212,21 @@ def check_percentages(percentages: Sequence[float]) -> tuple[float, ...]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _mask_digest(mask: np.ndarray) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(mask.shape).encode())
-    h.update(np.packbits(mask).tobytes())
-    return h.digest()
-
-
-def _noise_generator(seed: int, digest: bytes) -> torch.Generator:
-    h = hashlib.blake2b(f"road-noise/{int(seed)}/".encode() + digest, digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    if p is None:
-        p = next(model.buffers(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-#: Largest change of a softmax probability accepted from the optimised copy (checked on the clean image).
-OPTIMIZE_ATOL = 1e-4
-
-
-def _forward_copy(model: nn.Module, optimize: bool | None, example: Tensor) -> tuple[nn.Module, bool]:
-    """The module to run the perturbed forwards with, and whether inputs go channels-last.
-
-    On the CPU a private inference copy is faster than the model as given: channels-last memory lets
-    oneDNN's convolutions run about 1.5x faster, and folding each BatchNorm into the convolution before it
-    (``torch.fx``, where the model traces) saves about 1.25x more on ResNet-50. The user's model is never
-    changed. The copy must give the model's softmax on ``example`` (1, C, H, W) within
-    :data:`OPTIMIZE_ATOL`; otherwise, or when it cannot be built, the model runs as it is.
-
-    Args:
-        model: the user's model.
-        optimize: ``None`` = auto (CPU models with a ``Conv2d``), or force on/off.
-        example: one input, for the check.
-    """
-    if optimize is None:
-        optimize = _device(model).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if not optimize:
-        return model, False
-    import copy
-
-    try:
-        twin = copy.deepcopy(model).eval()
-        for p in twin.parameters():
-            p.requires_grad_(False)
-    except Exception as exc:  # any model-specific failure: run the model as it is
-        log.debug("no private copy of the model (%s): running it as it is", exc)
-        return model, False
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        twin = fuse(twin, inplace=True)
-    except Exception as exc:  # not traceable by torch.fx: keep the unfused copy
-        log.debug("no Conv-BN folding (%s)", exc)
-    twin = twin.to(memory_format=torch.channels_last)
-    device = _device(model)
-    with frozen_eval(model), torch.inference_mode():
-        ref = model(example.to(device)).double().softmax(dim=1)
-        got = twin(example.to(device).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1)
-    err = float((ref - got).abs().max()) if ref.shape == got.shape else float("inf")
-    if not err <= OPTIMIZE_ATOL:
-        log.info(
-            "the optimised copy of the model differs by %.2g on the image: running the model as it is", err
-        )
-        return model, False
-    return twin, True
-
-
-def _probabilities(
-    model: nn.Module, x: Tensor, target: int, batch_size: int, channels_last: bool = False
-) -> Tensor:
-    """Softmax probability of ``target`` for every image of ``x`` ``(N, C, H, W)``; ``(N,)`` float64 CPU."""
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        logits = model(xb)
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise RoadError(
-                f"the model must return (B, K) logits, got {getattr(logits, 'shape', type(logits))}"
-            )
-        if not 0 <= target < logits.shape[1]:
-            raise RoadError(f"target class {target} is out of range for {logits.shape[1]} outputs")
-        out.append(logits.double().softmax(dim=1)[:, target].cpu())
-    return torch.cat(out)
-
-
-def _as_image(x: Tensor) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise RoadError(f"the image must be a tensor, got {type(x).__name__}")
-    if x.ndim == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3:
-        raise RoadError(f"road_scores takes one image (C, H, W) or (1, C, H, W), got {tuple(x.shape)}")
-    return x.detach().float()
-
-
-def _as_maps(maps: MapsLike, hw: tuple[int, int]) -> tuple[tuple[Any, ...], list[Tensor]]:
-    """Keys and ``(H, W)`` float maps from a stack, a sequence or a mapping."""
-
-    def one(m: Tensor | np.ndarray) -> Tensor:
-        t = m if isinstance(m, Tensor) else torch.from_numpy(np.asarray(m))
-        t = t.detach()
-        while t.ndim > 2 and t.shape[0] == 1:
-            t = t[0]
-        if tuple(t.shape) != hw:
-            raise RoadError(
-                f"a map must be (H, W) = {hw} (upsampled to the input size), got {tuple(m.shape)}"
-            )
-        return t.float().cpu()
-
-    if isinstance(maps, Mapping):
-        keys = tuple(maps)
-        return keys, [one(maps[k]) for k in keys]
-    if isinstance(maps, (Tensor, np.ndarray)):
-        if maps.ndim == 2:
-            return (0,), [one(maps)]
-        if maps.ndim != 3:
-            raise RoadError(f"maps must be (H, W) or (L, H, W), got {tuple(maps.shape)}")
-        return tuple(range(maps.shape[0])), [one(m) for m in maps]
-    items = list(maps)
-    return tuple(range(len(items))), [one(m) for m in items]
+def road_units(maps: Sequence[Tensor], ks: Sequence[int], seed: int) -> Iterator[list[Perturbation | None]]:
+    """Per map, its ``2 P`` imputations: MoRF for each count of ``ks``, then LeRF (``None`` for k = 0)."""
+    for m in maps:
+        order = removal_order(m, seed)
+        n_pix = order.size
+        unit: list[Perturbation | None] = []
+        for from_top in (True, False):
+            for k in ks:
+                if k == 0:  # nothing removed: the perturbed image is the original
+                    unit.append(None)
+                    continue
+                mask = np.zeros(n_pix, dtype=bool)
+                mask[order[-k:] if from_top else order[:k]] = True
+                unit.append(impute(mask))
+        yield unit
 
 
 def _road_core(
@@ -366,140 +248,45 @@ def _road_core(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict[str, float]]:
     """MoRF and LeRF scores of every map of one image; the maths behind :func:`road_scores` and :class:`ROAD`.
 
-    Masks are built layer by layer and deduplicated by digest; each unique mask is imputed once, gets its
-    own seeded noise and is forwarded once, in batches of ``batch_size``. ``on_layers(positions, morf,
-    lerf)`` is called as soon as maps are complete (``morf``/``lerf`` ``(n, P)`` rows of those positions).
+    Masks are built layer by layer and deduplicated by digest (:func:`camanim.compute.metrics.engine.score_units`);
+    each unique mask is imputed once, gets its own seeded noise and is forwarded once, in batches of
+    ``batch_size``. ``on_layers(positions, morf, lerf)`` is called as soon as maps are complete
+    (``morf``/``lerf`` ``(n, P)`` rows of those positions).
 
     Returns:
         ``(morf (L, P), lerf (L, P), removed (P,), clean probability, stats)``.
     """
-    if batch_size < 1:
-        raise RoadError(f"batch_size must be at least 1, got {batch_size}")
-    t_start = time.perf_counter()
-    device = _device(model)
     c, h, w = x.shape
     n_pix = h * w
     ks = _counts(n_pix, percentages)
     n_p = len(ks)
-    stats = dict.fromkeys(
-        ("masks", "unique_masks", "forwards", "t_order", "t_impute", "t_forward", "t_clean"), 0.0
-    )
-    with frozen_eval(model), torch.inference_mode():
-        t = time.perf_counter()
-        if clean_probability is None:
+    device = _device(model)
+    ctx = PerturbationContext(x.to(device), imputer, preprocessing, seed)
+    morf = np.full((len(maps), n_p), np.nan)
+    lerf = np.full((len(maps), n_p), np.nan)
+    clean_box: list[float] = []
+
+    def done(positions: list[int], probs: list[np.ndarray]) -> None:
+        for i, p in zip(positions, probs, strict=True):
+            diff = p - clean_box[0]
+            morf[i], lerf[i] = diff[:n_p], diff[n_p:]
+        if on_layers is not None:
+            on_layers(positions, morf[positions], lerf[positions])
+
+    t = time.perf_counter()
+    if clean_probability is None:
+        with frozen_eval(model), torch.inference_mode():
             clean_probability = float(_probabilities(model, x[None].to(device), target, 1, channels_last)[0])
-        stats["t_clean"] = time.perf_counter() - t
-        base = x.to(device)
-        pixels = preprocessing.denormalize(base) if preprocessing is not None else base
-        use_clean = hasattr(imputer, "impute_clean") and hasattr(imputer, "noise")
-        sigma = float(getattr(imputer, "noise", 0.0))
-
-        scores: dict[bytes, float] = {}
-        pending: dict[bytes, np.ndarray] = {}
-        layer_keys: list[list[bytes]] = []
-        emitted = np.zeros(len(maps), dtype=bool)
-        morf = np.full((len(maps), n_p), np.nan)
-        lerf = np.full((len(maps), n_p), np.nan)
-        n_done = 0
-
-        queued: set[bytes] = set()  # digests sent to imputation (scored or in flight)
-        in_flight: list[tuple[list[bytes], Any]] = []  # (digests, future or tensor of perturbed images)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="camanim-road") if overlap else None
-
-        def perturb(digests: list[bytes], masks: Tensor) -> Tensor:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                if use_clean:
-                    imputed = imputer.impute_clean(pixels.expand(len(digests), -1, -1, -1), masks)
-                    if sigma > 0:
-                        noise = torch.stack(
-                            [torch.randn((c, h, w), generator=_noise_generator(seed, d)) for d in digests]
-                        ).to(device=device, dtype=imputed.dtype)
-                        imputed = imputed + sigma * noise * masks.unsqueeze(1)
-                else:
-                    imputed = torch.stack(
-                        [
-                            imputer.impute_one(pixels, masks[i], generator=_noise_generator(seed, d))
-                            for i, d in enumerate(digests)
-                        ]
-                    )
-                out = preprocessing.normalize(imputed) if preprocessing is not None else imputed
-            stats["t_impute"] += time.perf_counter() - t0
-            return out.to(device, base.dtype)
-
-        def forward_one() -> None:
-            digests, job = in_flight.pop(0)
-            perturbed = job.result() if pool is not None else job
-            t1 = time.perf_counter()
-            probs = _probabilities(model, perturbed, target, batch_size, channels_last)
-            stats["t_forward"] += time.perf_counter() - t1
-            stats["forwards"] += len(digests)
-            for d, p in zip(digests, probs.tolist(), strict=True):
-                scores[d] = p - clean_probability
-
-        def flush(final: bool = False) -> None:
-            if pending:
-                digests = list(pending)
-                masks = torch.from_numpy(np.stack([pending[d] for d in digests]).reshape(-1, h, w)).to(device)
-                pending.clear()
-                if pool is not None:  # impute this batch while the previous one is forwarded
-                    in_flight.append((digests, pool.submit(perturb, digests, masks)))
-                else:
-                    in_flight.append((digests, perturb(digests, masks)))
-            while len(in_flight) > (0 if final or pool is None else 1):
-                forward_one()
-
-        def emit() -> None:
-            nonlocal n_done
-            ready = [
-                i
-                for i, keys in enumerate(layer_keys)
-                if not emitted[i] and all(k is None or k in scores for k in keys)
-            ]
-            if not ready:
-                return
-            for i in ready:
-                vals = [0.0 if k is None else scores[k] for k in layer_keys[i]]
-                morf[i], lerf[i] = vals[:n_p], vals[n_p:]
-                emitted[i] = True
-            n_done += len(ready)
-            if on_layers is not None:
-                on_layers(ready, morf[ready], lerf[ready])
-            if progress is not None:
-                progress(n_done, len(maps))
-
-        try:
-            for m in maps:
-                t = time.perf_counter()
-                order = removal_order(m, seed)
-                keys: list[bytes | None] = []
-                for from_top in (True, False):
-                    for k in ks:
-                        if k == 0:  # nothing removed: the perturbed image is the original
-                            keys.append(None)
-                            continue
-                        mask = np.zeros(n_pix, dtype=bool)
-                        mask[order[-k:] if from_top else order[:k]] = True
-                        d = _mask_digest(mask)
-                        stats["masks"] += 1
-                        if d not in queued:
-                            pending[d] = mask
-                            queued.add(d)
-                            stats["unique_masks"] += 1
-                        keys.append(d)
-                layer_keys.append(keys)
-                stats["t_order"] += time.perf_counter() - t
-                if len(pending) >= batch_size:
-                    flush()
-                    emit()
-            flush(final=True)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        emit()
-    stats["t_total"] = time.perf_counter() - t_start
+    t_clean = time.perf_counter() - t
+    clean_box.append(float(clean_probability))
+    _, clean, stats = score_units(
+        model, ctx, road_units(maps, ks, seed), target, n_units=len(maps), batch_size=batch_size,
+        clean_probability=clean_probability, on_units=done, progress=progress, channels_last=channels_last,
+        overlap=overlap,
+    )  # fmt: skip
+    stats["t_clean"] = t_clean
     removed = np.array([k / n_pix for k in ks])
-    return morf, lerf, removed, float(clean_probability), stats
+    return morf, lerf, removed, float(clean), stats
 
 
 def _default_imputer(imputer: Any) -> Any:

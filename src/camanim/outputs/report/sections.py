@@ -126,13 +126,30 @@ _FIGURE_TEXT = {
         "ROAD of every layer: raw and smoothed; star: max ybROAD; diamond: final layer.",
     ),
     "params": ("Parameters per layer", "Parameters of each animated layer, log scale."),
+    "faithfulness": (
+        "Faithfulness of every layer",
+        "Each metric's value of every layer's map (star: best layer by that metric; diamond: final layer).",
+    ),
+    "agreement": (
+        "Where the metrics agree",
+        "Spearman rank correlation between the metrics' layer rankings, each oriented so higher is better.",
+    ),
+    "sanity": (
+        "Model-randomisation sanity check",
+        "Similarity of each layer's map to the original's as the model is randomised from the top down "
+        "(rows: depth); a method that passes loses its maps once the weights behind them are random.",
+    ),
+    "sanity_last": (
+        "Maps at full randomisation",
+        "Each method's maps at a few layers once every weight is random.",
+    ),
 }
 
 
 def figures(src: Source) -> list[dict[str, str]]:
     """The bundle's figures present (strip, FM-G-CAM, comparison, ybROAD plot, parameters) as data URIs."""
     out = []
-    for role in ("strip", "fmgcam", "compare", "ybroad", "params"):
+    for role in _FIGURE_TEXT:
         data = src.figures.get(role)
         uri = T.figure_uri(data) if data else None
         if uri:

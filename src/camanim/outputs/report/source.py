@@ -34,6 +34,10 @@ FIGURES: dict[str, tuple[tuple[str, ...], ...]] = {
     "compare": (("compare", "figure"),),
     "ybroad": (("road", "files", "plot"),),
     "params": (("animation", "params_plot"),),
+    "faithfulness": (("faithfulness", "files", "plot"),),
+    "agreement": (("faithfulness", "files", "agreement"),),
+    "sanity": (("sanity", "files", "heatmap"),),
+    "sanity_last": (("sanity", "files", "last_frame"),),
 }
 
 
