@@ -171,7 +171,7 @@ class ScatterFrames:
                 legend_x += int(d.textlength(label, font=self.small)) + 14
             if self.best is not None and "knn" in self.curves:
                 bx, byy = self._curve_xy(self.best, float(self.curves["knn"][self.best]))
-                _star(d, bx, byy, 7, (194, 65, 12))
+                _star(d, bx, byy, 7, CURVE_COLORS["knn"])
             d.text((bx1, by1 + 2), "layer (forward order)", font=self.small, fill=MUTED, anchor="ra")
         return img
 
