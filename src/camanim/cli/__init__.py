@@ -44,6 +44,7 @@ from camanim.cli.options import (
     non_empty,
     percentages,
 )
+from camanim.cli.tasks import add_task_options
 
 __all__ = ["build_parser", "main"]
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scorecam: run its forwards through torch.compile (pays off only once Inductor's cache is warm)",
     )
     add_output_options(p)
+    add_task_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar, only errors"
     )
+    add_task_options(p)
     p.set_defaults(func=cmd_animate)
     p = sub.add_parser(
         "fmgcam",
@@ -260,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--road", default=None, metavar="PATH", help="ROAD results: a bundle or JSON file to show per tile"
     )
     add_output_options(p)
+    add_task_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

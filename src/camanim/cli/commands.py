@@ -15,6 +15,7 @@ import torch
 
 from camanim.cli.checks import is_best
 from camanim.cli.layerwise import best_layer_by
+from camanim.cli.tasks import task_target
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -43,7 +44,25 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, weights, num_classes=args.num_classes, device=args.device, **extra)
 
 
+def _task(args: argparse.Namespace, lm):
+    """The model and the target of a command: ``--target`` itself for a classifier, else the task's target
+    (:func:`camanim.cli.tasks.task_target`); ``--road`` and ``--layers best`` score classes only."""
+    kind = getattr(args, "task_kind", "classification")
+    if kind != "classification" and (getattr(args, "road", False) or is_best(args)):
+        raise OptionError(f"--road and --layers best score a class with ROAD; not the task {kind!r}")
+    lm, target = task_target(args, lm, kind)
+    return lm, args.target if target is None else target
+
+
 def _print_predictions(ex, out: Path | None) -> None:
+    if ex.task.get("kind", "classification") != "classification":
+        for b in range(ex.input.shape[0]):
+            print(f"{ex.task['kind']}: {ex.target_names[b]}, score {float(ex.probabilities[b, 0]):.4g}")
+            for x1, y1, x2, y2, label in ex.boxes[b] if ex.boxes else []:
+                print(f"  box {label}: ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})")
+        if out is not None:
+            print(f"bundle: {out}")
+        return
     for b in range(ex.input.shape[0]):
         if ex.input.shape[0] > 1:
             print(f"sample {b}: explained class {ex.targets[b]} ({ex.target_names[b]})")
@@ -83,14 +102,13 @@ def _report_into(bundle) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-
-    lm = _load(args)
+    lm, target = _task(args, _load(args))
     ex = explain(
         lm,
         args.image,
         methods=args.methods,
         layers=_layers_or_best(args, lm),
-        target=args.target,
+        target=target,
         top_k=args.top_k,
         score=args.score,
         keep_nonspatial=getattr(args, "keep_nonspatial", False),
@@ -111,16 +129,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-
     fmgcam = {k: getattr(args, k, None) for k in ("top_k", "base", "activation")}
     out = args.out
     resume = getattr(args, "resume", False)
-    lm = _load(args)
+    lm, target = _task(args, _load(args))
     anim = animate(
         lm,
         args.image,
         methods=getattr(args, "methods", "gradcam"),
-        target=args.target,
+        target=target,
         layers=_layers_or_best(args, lm),
         norm=getattr(args, "norm", "local,global"),
         layout=getattr(args, "layout", "side-by-side"),
@@ -186,9 +203,9 @@ def _print_fused(res, path: Path) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-
-    lm = _load(args)
-    target = args.target
+    lm, target = _task(args, _load(args))
+    if args.road is not None and getattr(args, "task_kind", "classification") != "classification":
+        raise OptionError("--road shows ROAD values of a class; not of the task " + repr(args.task_kind))
     if args.road is not None:
         target = check_road_source(args.road, lm, args.image, target, input_size=args.input_size)
     cmp = compare(

@@ -45,7 +45,7 @@ class CaptureResult:
     Attributes:
         layers: every layer the forward pass went through, in execution order.
         chosen: the layers that were recorded, in execution order.
-        output: the model output ``(B, K)``, detached.
+        output: the model output (``(B, K)`` class scores, or what a task's target reads), detached.
         scores: the target scores ``(B,)`` or ``(B, K)`` the gradients refer to, detached.
         values: per chosen layer name, its output as ``(B, C, h, w)`` (empty when a consumer was given).
         gradients: per chosen layer name, the gradient of the summed scores with respect to that output,
@@ -78,6 +78,17 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
             m.training = mode
         for p, flag in grads.items():
             p.requires_grad_(flag)
+
+
+def _detached(value: object) -> object:
+    """``value`` with every tensor in it detached (a detector's list of dicts, say)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
 
 
 def capture(
@@ -165,8 +176,8 @@ def capture(
             inp = x.detach().clone().requires_grad_(gradients)
             with model_errors(x):
                 output = model(inp)
-            if not isinstance(output, Tensor):  # a plain module returning a tuple, dict or dataclass
-                output = OutputSelector()(output)
+            if not isinstance(output, Tensor) and getattr(model, "_camanim_module", None) is None:
+                output = OutputSelector()(output)  # a plain module returning a tuple, dict or dataclass
             for h in handles:
                 h.remove()
             handles.clear()
@@ -176,7 +187,9 @@ def capture(
                 scores = target(output)
                 passes = scores.shape[1] if scores.dim() == 2 else 1
                 per_pass = scores if scores.dim() == 2 else scores[:, None]
-                for current in range(passes if gradients else 0):
+                if gradients and not per_pass.requires_grad:
+                    logger.warning("the target's score does not depend on the input (nothing to explain)")
+                for current in range(passes if gradients and per_pass.requires_grad else 0):
                     torch.autograd.grad(
                         per_pass[:, current].sum(), inp, allow_unused=True, retain_graph=current < passes - 1
                     )
@@ -194,17 +207,21 @@ def capture(
             got = done.get(layer.name, set())
             if gradients and not got:
                 no_grad.append(layer.name)
-                logger.warning(
-                    "layer %s received no gradient: no path leads from it to the target", layer.name
-                )
             value = values.pop(layer.name)
             for k in range(passes):
                 if k not in got:
                     deliver(layer, value, None, k)
+    if no_grad:
+        shown = ", ".join(no_grad[:4]) + (f" and {len(no_grad) - 4} more" if len(no_grad) > 4 else "")
+        logger.warning(
+            "%d layer(s) received no gradient: no path leads from them to the target (%s)",
+            len(no_grad),
+            shown,
+        )
     return CaptureResult(
         layers=tracker.layers,
         chosen=chosen,
-        output=output.detach(),
+        output=_detached(output),
         scores=scores.detach(),
         values=result_values,
         gradients=grads,

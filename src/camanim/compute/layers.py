@@ -114,9 +114,10 @@ class Layer:
         }
 
 
-#: The dry run's second input is ``(H + PROBE_DH, W + PROBE_DW)``: unequal steps, so that height and width
-#: axes tell themselves apart; multiples of 32, the largest stride of most CNNs.
-PROBE_DH, PROBE_DW = 32, 64
+#: The dry run's second input is ``(H + PROBE_DH, W + PROBE_DW)``: a multiple of 32, the largest stride of
+#: most CNNs, the same on both sides, so that a model resizing its input inside (a detector's transform to a
+#: fixed shorter side) sees the same aspect ratio and keeps its grids the same size.
+PROBE_DH, PROBE_DW = 32, 32
 #: Prefix tokens (class, distillation, registers) looked for when the model does not say how many it has.
 MAX_PREFIX_TOKENS = 8
 

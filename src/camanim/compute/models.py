@@ -168,12 +168,20 @@ class OutputAdapter(nn.Module):
     Args:
         module: the user's network.
         output: an :class:`OutputSelector` or its ``spec``.
+        tap: a submodule's name: the output is then that submodule's output, pooled to one vector per sample
+            ``(B, C)`` (the mean over positions of a map or over the tokens of a token sequence), e.g. an
+            embedding inside a network; the network still runs to its end.
     """
 
-    def __init__(self, module: nn.Module, output: OutputSelector | OutputSpec = None) -> None:
+    def __init__(
+        self, module: nn.Module, output: OutputSelector | OutputSpec = None, tap: str | None = None
+    ) -> None:
         super().__init__()
         self.module = module
         self.selector = output if isinstance(output, OutputSelector) else OutputSelector(output)
+        self.tap = tap
+        if tap is not None:
+            module.get_submodule(tap)  # fails at once on an unknown name
         self.num_outputs: int | None = None
         self.training = module.training  # the adapter's own flag only; children are left alone
 
@@ -182,10 +190,20 @@ class OutputAdapter(nn.Module):
 
         One positional input, as camanim calls it (``torch.fx`` traces this signature for Conv-BN folding).
         """
-        scores = self.selector(self.module(x))
-        if isinstance(scores, Tensor) and not torch.compiler.is_compiling():
+        scores = self._tapped(x) if self.tap is not None else self.selector(self.module(x))
+        if isinstance(scores, Tensor) and scores.dim() >= 2 and not torch.compiler.is_compiling():
             self.num_outputs = int(scores.shape[1])
         return scores
+
+    def _tapped(self, x: Tensor) -> Tensor:
+        seen: list[Tensor] = []
+        handle = self.module.get_submodule(self.tap).register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            self.module(x)
+        finally:
+            handle.remove()
+        out = seen[0]
+        return out.mean(dim=(2, 3)) if out.dim() == 4 else out.mean(dim=1) if out.dim() == 3 else out
 
     @property
     def _camanim_module(self) -> nn.Module:
@@ -313,9 +331,14 @@ class LoadedModel:
             return self.labels
         return class_names_for(self.num_classes)
 
-    def with_output(self, output: OutputSelector | OutputSpec) -> LoadedModel:
-        """The same model with its class scores read by another selector."""
-        return dataclasses.replace(self, model=OutputAdapter(self.module, _parse_output(output)))
+    def with_output(
+        self, output: OutputSelector | OutputSpec, expect: str = "scores", tap: str | None = None
+    ) -> LoadedModel:
+        """The same model with its output read by another selector (``expect``: see
+        :class:`~camanim.compute.targets.OutputSelector`), or from the submodule ``tap`` (see
+        :class:`OutputAdapter`)."""
+        spec = output if isinstance(output, OutputSelector) else OutputSelector(_parse_output(output), expect)
+        return dataclasses.replace(self, model=OutputAdapter(self.module, spec, tap))
 
     def _probe(self) -> None:
         """One forward in eval mode, without gradients, on a seeded random input of the preprocessing size
@@ -356,9 +379,24 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
 
 
 def _torchvision_names() -> list[str]:
+
+    return sorted({name for task in TASKS for name in _tv_task_names(task)})
+
+
+#: torchvision's model modules by task.
+TASKS = {"classification": "", "segmentation": "segmentation", "detection": "detection"}
+
+
+def _tv_task_names(task: str) -> list[str]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    module = torchvision.models if not TASKS[task] else getattr(torchvision.models, TASKS[task])
+    return torchvision.models.list_models(module=module)
+
+
+def torchvision_task(bare: str) -> str:
+    """``"classification"``, ``"segmentation"`` or ``"detection"``: the task of a torchvision model name."""
+    return next((task for task in ("segmentation", "detection") if bare in _tv_task_names(task)), "classification")
 
 
 def _timm_names() -> list[str]:
@@ -456,10 +494,17 @@ def _preprocessing_timm(model: nn.Module) -> Preprocessing:
     )
 
 
-def _preprocessing_torchvision(weights_enum) -> Preprocessing:
+def _preprocessing_torchvision(weights_enum, model: nn.Module | None = None) -> Preprocessing:
+    transform = getattr(model, "transform", None)
+    if transform is not None and hasattr(transform, "min_size"):  # a detector: [0, 1] images, resized inside
+        side = int(transform.min_size[0])
+        return Preprocessing(size=(side, side), resize="squash", crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
     if weights_enum is None:
         return Preprocessing()
     t = weights_enum.transforms()
+    if not hasattr(t, "crop_size"):  # segmentation: the shorter side resized, nothing cropped
+        side = int(t.resize_size[0]) if getattr(t, "resize_size", None) else 520
+        return Preprocessing(size=(side, side), resize="squash", crop_pct=1.0, mean=tuple(t.mean), std=tuple(t.std))
     crop = t.crop_size[0]
     resize = t.resize_size[0] if t.resize_size else crop
     return Preprocessing(
@@ -513,6 +558,7 @@ def load_model(
     is_file = weights not in ("default", "none")
     if num_classes is not None and weights == "default":
         raise WeightsError("num_classes can only be changed with --weights none or a checkpoint file")
+    labels = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if source == "default":
@@ -527,6 +573,9 @@ def load_model(
 
             label = f"torchvision:{bare}"
             kwargs = {} if num_classes is None else {"num_classes": num_classes}
+            task = torchvision_task(bare)
+            if task != "classification" and weights != "default":
+                kwargs["weights_backbone"] = None  # random or a checkpoint: never download a backbone
             wenum = torchvision.models.get_model_weights(bare).DEFAULT if weights == "default" else None
             if wenum is not None:
                 require_download(label, hub_checkpoint_source(wenum.url))
@@ -536,7 +585,9 @@ def load_model(
                 if weights == "default":
                     raise _network_error(label, exc) from exc
                 raise
-            prep = _preprocessing_torchvision(wenum if wenum is not None else _tv_default_weights(bare))
+            prep = _preprocessing_torchvision(wenum if wenum is not None else _tv_default_weights(bare), model)
+            if task != "classification":
+                labels = _tv_categories(bare, num_classes)
             src = f"pretrained ({wenum})" if wenum is not None else f"random (seed {seed})"
         else:
             import timm
@@ -558,7 +609,17 @@ def load_model(
         if is_file:
             src = f"checkpoint {weights}"
     model.eval().to(device)
-    return LoadedModel(model=OutputAdapter(model, selector), name=label, weights=src, preprocessing=prep)
+    return LoadedModel(
+        model=OutputAdapter(model, selector), name=label, weights=src, preprocessing=prep, labels=labels
+    )
+
+
+def _tv_categories(bare: str, num_classes: int | None) -> tuple[str, ...] | None:
+    """The class names of a torchvision segmentation or detection model's default weights (VOC, COCO), when
+    its head has their number of classes."""
+    weights = _tv_default_weights(bare)
+    names = None if weights is None else weights.meta.get("categories")
+    return tuple(names) if names and num_classes in (None, len(names)) else None
 
 
 def _tv_default_weights(bare: str):

@@ -179,7 +179,14 @@ class OutputSelector:
             are not a ``(B, K)`` tensor (the message says what the model returned).
     """
 
-    def __init__(self, spec: OutputSpec = None) -> None:
+    #: What the selected output must be: class scores ``(B, K)``, maps ``(B, K, H, W)``, a vector ``(B,)`` or
+    #: ``(B, D)``, or anything (the task's target checks it).
+    EXPECT = {"scores": (2,), "maps": (4,), "vector": (1, 2), "any": None}
+
+    def __init__(self, spec: OutputSpec = None, expect: str = "scores") -> None:
+        if expect not in self.EXPECT:
+            raise ModelOutputError(f"expect must be one of {', '.join(self.EXPECT)}, got {expect!r}")
+        self.expect = expect
         if isinstance(spec, bool) or not (spec is None or isinstance(spec, (str, int)) or callable(spec)):
             raise ModelOutputError(
                 f"output must be a key (str), an index (int) or a callable returning the (B, K) class "
@@ -216,19 +223,25 @@ class OutputSelector:
             scores, how = self._pick(out)
             if _traced(out):
                 return scores
-        if not isinstance(scores, Tensor):
-            raise ModelOutputError(
-                f"the class scores chosen from the model's output ({how}) are {_kind(scores)}, not a tensor; "
-                f"the model returned {_summary(out)}"
-            )
-        if scores.dim() != 2:
-            raise ModelOutputError(
-                f"the class scores chosen from the model's output ({how}) have shape {tuple(scores.shape)}, "
-                "not (B, K): camanim explains models with one score per class; pass output= the key or index "
-                "of a (B, K) tensor, or a callable that reduces this one (for (B, K, H, W) maps, a mean over "
-                "H and W, say)"
-                + (f"; the model returned {_summary(out)}" if not isinstance(out, Tensor) else "")
-            )
+        dims = self.EXPECT[self.expect]
+        if dims is not None:
+            if not isinstance(scores, Tensor):
+                raise ModelOutputError(
+                    f"the output chosen from the model's output ({how}) is {_kind(scores)}, not a tensor; "
+                    f"the model returned {_summary(out)}"
+                )
+            if scores.dim() not in dims:
+                raise ModelOutputError(
+                    f"the output chosen from the model's output ({how}) has shape {tuple(scores.shape)}, "
+                    + (
+                        "not (B, K): camanim explains a classifier's scores here; pass output= the key or index "
+                        "of a (B, K) tensor, or a callable that reduces this one (for (B, K, H, W) maps, a mean "
+                        "over H and W, say), or a target for the task (segmentation, regression...)"
+                        if self.expect == "scores"
+                        else f"not the {self.expect} this target needs"
+                    )
+                    + (f"; the model returned {_summary(out)}" if not isinstance(out, Tensor) else "")
+                )
         if self.spec is None and not torch.compiler.is_compiling():
             self.found, self.path = how, path
         return scores

@@ -589,6 +589,49 @@ def grid(
 # ------------------------------------------------------------------------------------------------- files
 
 
+def draw_task_marks(
+    image: np.ndarray,
+    region: np.ndarray | None = None,
+    boxes: Sequence[tuple[float, float, float, float, str]] | None = None,
+    source_hw: tuple[int, int] | None = None,
+    color: RGB = (255, 255, 255),
+) -> np.ndarray:
+    """What a task target explains, drawn over ``image`` ``(H, W, 3)`` uint8: the outline of a region
+    (``region``, a boolean mask at any resolution, resized to the image by nearest neighbour) and boxes
+    with their labels (``(x1, y1, x2, y2, label)`` in the pixels of ``source_hw``, default the image's).
+
+    Returns:
+        A new ``(H, W, 3)`` uint8 array.
+    """
+    h, w = image.shape[:2]
+    out = image.copy()
+    if region is not None:
+        mask = (
+            np.asarray(Image.fromarray(np.asarray(region, np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+        )
+        inner = mask.copy()
+        inner[1:, :] &= mask[:-1, :]
+        inner[:-1, :] &= mask[1:, :]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        edge = mask & ~inner
+        thick = edge.copy()
+        thick[1:, :] |= edge[:-1, :]
+        thick[:, 1:] |= edge[:, :-1]
+        out[thick] = color
+    if boxes:
+        sy, sx = (h / source_hw[0], w / source_hw[1]) if source_hw else (1.0, 1.0)
+        pil = Image.fromarray(out)
+        draw = ImageDraw.Draw(pil)
+        font = _font(max(10, h // 24))
+        for x1, y1, x2, y2, label in boxes:
+            box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+            draw.rectangle(box, outline=color, width=max(1, h // 150))
+            draw.text((box[0] + 2, box[1] + 1), str(label), fill=color, font=font)
+        out = np.asarray(pil).copy()
+    return out
+
+
 def save_png(path: str | os.PathLike[str], array: np.ndarray, compress_level: int = 6) -> Path:
     """Write an image atomically: to a temporary file in the same folder, then ``os.replace``.
 

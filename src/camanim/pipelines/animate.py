@@ -664,7 +664,13 @@ def animation_request(
         "weights": lm.weights,
         "methods": methods if isinstance(methods, str) else list(methods),
         "layers": layers if isinstance(layers, (str, int)) or layers is None else repr(layers),
-        "target": target if target is None or isinstance(target, (str, int)) else list(target),
+        "target": target
+        if target is None or isinstance(target, (str, int))
+        else target.describe()
+        if hasattr(target, "describe")
+        else list(target)
+        if isinstance(target, (list, tuple))
+        else repr(target),
         "score": score,
         "keep_nonspatial": keep_nonspatial,
     }

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 FLAT_RTOL = 1e-6
 #: ``"last"`` is the last of this many final spatial layers whose gradient is not zero everywhere.
 LAST_CANDIDATES = 16
+NO_GRADIENT = "no path leads from it to the target: every gradient map is blank (a detector's proposal head)"
 ZERO_GRADIENT = (
     "its gradient is zero at every position, so every gradient map is blank: the output depends on it only "
     "through positions that are not part of its map (a ViT's final norm reaches the head only through the "
@@ -103,6 +104,13 @@ class Explanation:
         timings: seconds per stage.
         logits: the raw model output ``(B, K)`` on the CPU (None for an explanation read back from a bundle).
         output: how the class scores ``(B, K)`` were read from what the network returned.
+        task: what was explained (the manifest's ``target``): ``{"kind": "classification", ...}``, or a task
+            target's description (segmentation, detection, embedding, multi-label, regression, custom). For
+            a task other than classification, ``probabilities`` holds the target's score ``(B, 1)``, and
+            ``class_names`` and ``target_names`` its label.
+        regions: the region a segmentation score is taken over, ``(B, h, w)`` bool at the output's
+            resolution; None for other tasks.
+        boxes: per sample, the detections explained, ``(x1, y1, x2, y2, label)`` in input pixels; or None.
         passed_over: layers a sweep or ``"last"`` would have ended with but left out, with the reason: the
             trailing layers whose gradient is zero at every position, whose maps can only be blank (a ViT's
             final norm reaches the head only through the class token); see :data:`LAST_CANDIDATES`.
@@ -127,6 +135,9 @@ class Explanation:
     logits: Tensor | None = field(default=None, repr=False)
     output: str = "the output itself"
     passed_over: tuple[tuple[Layer, str], ...] = field(default=(), repr=False)
+    task: dict = field(default_factory=lambda: {"kind": "classification"}, repr=False)
+    regions: Tensor | None = field(default=None, repr=False)
+    boxes: list | None = field(default=None, repr=False)
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -300,7 +311,11 @@ def explain(
             image, array) or a list of sources forming a batch.
         methods: names (``"gradcam,hirescam"``), ``"all"`` or a list; see :func:`camanim.list_methods`.
         layers: a selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
-        target: the class to explain: an index, a name, or one per sample; default the top-1 class.
+        target: the class to explain: an index, a name, or one per sample; default the top-1 class. Or any
+            callable from the model's output to one score per sample ``(B,)``: a task target of
+            :mod:`camanim.compute.tasks` (segmentation, detection, embedding similarity, multi-label,
+            regression), which also says how to read the model's output, or one of your own, which sees
+            the output after the model's output selector (``output``).
         top_k: explain each of the top ``k`` classes of a single image (the batch axis then holds classes):
             the classes share the capture's forward, which ranks them, and get one backward pass each.
         score: what is differentiated: ``"logit"`` (default), ``"probability"`` or ``"sigmoid"``.
@@ -340,6 +355,10 @@ def explain(
     dev = lm.device
     if top_k is not None and target is not None:
         raise OptionError("top_k explains the K most probable classes and target one class: give one of them")
+    task = target if _is_task(target) else None
+    if task is not None and hasattr(task, "expect"):
+        lm = lm.with_output(getattr(task, "output", None) or output, task.expect, getattr(lm.model, "tap", None))
+        net = lm.model
     names = parse_methods(methods)
     per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
     multi = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "multi_pass"}
@@ -387,6 +406,8 @@ def explain(
         classes = None
         passes = top_k
         display = np.repeat(display, passes, axis=0)
+    elif task is not None:
+        classes = None
     elif target is not None:
         classes = None  # resolved against the size K of the capture's own output, the class count
         specs = _target_specs(target, x.shape[0])
@@ -405,6 +426,7 @@ def explain(
     keep_values = bool(per_channel) or any(m.needs_values for m in multi.values())
     base_parts: dict[str, dict[str, list]] = {b: {} for b in bases}
     zero_grad: dict[str, bool] = {}  # per layer: the gradient was zero everywhere, in every pass
+    no_grad: set[str] = set()  # layers no gradient reached
     cancelled: dict[str, set[str]] = {n: set() for n in names}
 
     def consumer(layer: Layer, value: Tensor, grad: Tensor | None, k: int) -> None:
@@ -412,6 +434,8 @@ def explain(
             kept[layer.name] = value
         if grad is not None:
             zero_grad[layer.name] = zero_grad.get(layer.name, True) and not bool(grad.any())
+        elif need_grads:
+            no_grad.add(layer.name)
         # Gradient-free maps do not depend on the pass: computed at the first and repeated.
         todo = instances if k == 0 else with_grads
         tensors = LayerTensors(value, grad, layer.name)
@@ -435,7 +459,7 @@ def explain(
             per_pass[k] = m.detach()  # NaN/inf are replaced (and flagged) on the way to the CPU
             flags[n].setdefault(layer.name, ())
 
-    lazy_target = _LazyTarget(classes, score, top_k=top_k, specs=specs, names=lambda: lm.class_names)
+    lazy_target = task or _LazyTarget(classes, score, top_k=top_k, specs=specs, names=lambda: lm.class_names)
     t = time.perf_counter()
     result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
@@ -444,7 +468,11 @@ def explain(
             f"no layer of {lm.name} has a map to explain (no spatial layer was produced; see `camanim layers`)"
         )
     # a layer is blank for every method only when every map here needs the gradient
-    blank = zero_grad if need_grads and not class_free and not per_channel and not multi else {}
+    blank: dict[str, str] = {}  # layers whose every map is blank, and why
+    if need_grads and not class_free and not per_channel and not multi:
+        blank = {n: ZERO_GRADIENT for n, zero in zero_grad.items() if zero} | {
+            n: NO_GRADIENT for n in no_grad
+        }
     chosen, passed_over = _pass_over_blank_ends(list(result.chosen), asked, last_pool, blank)
     maps: dict[str, dict[str, Tensor]] = {
         n: {name: p[0] if passes == 1 else torch.cat(p) for name, p in parts[n].items()} for n in names
@@ -531,8 +559,22 @@ def explain(
     maps = {n: {k: maps[n][k] for k in order} for n in names}
     flags = {n: {k: flags[n][k] for k in order} for n in names}
     timings["methods_to_cpu"] = time.perf_counter() - t
-    probs = output.float().softmax(dim=1).cpu()
-    targets = tuple(lazy_target.classes)
+    if task is not None:  # the target's score as the one "class" (see Explanation.task)
+        label = str(getattr(task, "label", getattr(task, "__name__", "custom target")))
+        probs = result.scores.detach().float().reshape(-1, 1).cpu()
+        targets = (0,) * probs.shape[0]
+        class_names = (label,)
+        logits = output.detach().float().cpu() if isinstance(output, Tensor) else None
+        task_info = task.describe() if hasattr(task, "describe") else {"kind": "custom", "target": label}
+        regions = task.region() if hasattr(task, "region") else None
+        boxes = task.boxes() if hasattr(task, "boxes") else None
+    else:
+        probs = output.float().softmax(dim=1).cpu()
+        targets = tuple(lazy_target.classes)
+        class_names = lm.class_names
+        logits = output.detach().float().cpu()
+        task_info = {"kind": "classification", "score": score}
+        regions = boxes = None
     timings["total"] = time.perf_counter() - t0
     return Explanation(
         model_name=lm.name,
@@ -542,8 +584,8 @@ def explain(
         display=display,
         probabilities=probs,
         targets=targets,
-        target_names=tuple(lm.class_names[c] if c < len(lm.class_names) else str(c) for c in targets),
-        class_names=lm.class_names,
+        target_names=tuple(class_names[c] if c < len(class_names) else str(c) for c in targets),
+        class_names=class_names,
         layers=tuple(result.layers),
         chosen=tuple(chosen),
         methods=tuple(names),
@@ -551,8 +593,11 @@ def explain(
         flags=flags,
         image_info=image_info,
         timings=timings,
-        logits=output.detach().float().cpu(),
+        logits=logits,
         output=lm.output,
+        task=task_info,
+        regions=None if regions is None else regions.detach().cpu(),
+        boxes=boxes,
         passed_over=tuple(passed_over),
     )
 
@@ -610,24 +655,30 @@ def _tuples(d: dict) -> dict:
 
 
 def _pass_over_blank_ends(
-    chosen: list[Layer], asked: set[str] | None, last_pool: list[str], zero_grad: dict[str, bool]
+    chosen: list[Layer], asked: set[str] | None, last_pool: list[str], blank: dict[str, str]
 ) -> tuple[list[Layer], list[tuple[Layer, str]]]:
-    """Leave out the layers a sweep (``asked`` None) or ``"last"`` would end with although their gradient is
-    zero everywhere; ``"last"`` becomes the last of ``last_pool`` whose gradient is not. Layers asked for
-    by name or index are kept."""
+    """Leave out the layers a sweep (``asked`` None) or ``"last"`` would end with although every map there is
+    blank (``blank``: a gradient zero everywhere, or none at all), with the reason; ``"last"`` becomes the
+    last of ``last_pool`` that is not blank. Layers asked for by name or index are kept."""
     passed: list[tuple[Layer, str]] = []
     if asked is None:
-        while len(chosen) > 1 and zero_grad.get(chosen[-1].name):
-            passed.insert(0, (chosen.pop(), ZERO_GRADIENT))
+        while len(chosen) > 1 and chosen[-1].name in blank:
+            layer = chosen.pop()
+            passed.insert(0, (layer, blank[layer.name]))
         return chosen, passed
     if not last_pool:
         return chosen, passed
     pool = [layer for layer in chosen if layer.name in last_pool]
-    live = [layer for layer in pool if not zero_grad.get(layer.name)]
+    live = [layer for layer in pool if layer.name not in blank]
     last = live[-1] if live else pool[-1]
-    passed = [(layer, ZERO_GRADIENT) for layer in pool if layer.index > last.index]
+    passed = [(layer, blank.get(layer.name, ZERO_GRADIENT)) for layer in pool if layer.index > last.index]
     keep = asked - set(last_pool[-1:]) | {last.name}
     return [layer for layer in chosen if layer.name in keep], passed
+
+
+def _is_task(target: Any) -> bool:
+    """Whether ``target`` is a callable target (a task's, or the user's own) rather than classes."""
+    return callable(target) and not isinstance(target, (str, int, list, tuple))
 
 
 class _LazyTarget:
@@ -699,6 +750,7 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         },
         "image": ex.image_info,
         "input": {"file": "input.npy", "shape": list(ex.input.shape), "dtype": "float32"},
+        "task": dict(ex.task),
         "targets": [
             {
                 "sample": b,
@@ -708,11 +760,24 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
                 "score": score,
             }
             for b, c in enumerate(ex.targets)
+        ]
+        if ex.task.get("kind") == "classification"
+        else [
+            {
+                "sample": b,
+                "name": ex.target_names[b],
+                "value": float(ex.probabilities[b, 0]),
+                "score": "target",
+            }
+            for b in range(ex.input.shape[0])
         ],
         "top5": [
             [{"class": i, "name": n, "probability": p} for i, n, p in ex.top(5, b)]
             for b in range(ex.input.shape[0])
-        ],
+        ]
+        if ex.task.get("kind") == "classification"
+        else [],
+        "boxes": ex.boxes,
         "layers": [layer.to_dict() for layer in ex.layers],
         "chosen_layers": [layer.name for layer in ex.chosen],
         "passed_over": [{"index": la.index, "name": la.name, "reason": r} for la, r in ex.passed_over],

@@ -27,7 +27,7 @@ from camanim.compute.resize import shrink
 from camanim.errors import UnknownNameError
 from camanim.outputs.animation.fused import LegendComposer
 from camanim.outputs.fmgcam import blend_classes
-from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, overlay_batch
+from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, draw_task_marks, overlay_batch
 from camanim.pipelines.animate import (
     CHUNK,
     LAYOUTS,
@@ -59,9 +59,14 @@ def display(anim: Animation, size: tuple[int, int]) -> np.ndarray:
     """The animated sample's picture at ``size``: ``(H, W, 3)`` uint8, cached on the animation."""
     key = ("display", size)
     if key not in anim._cache:
-        img = anim.explanation.display[anim.sample]
+        ex = anim.explanation
+        img = ex.display[anim.sample]
         if img.shape[:2] != tuple(size):
             img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        region = None if ex.regions is None else ex.regions[min(anim.sample, len(ex.regions) - 1)].numpy()
+        boxes = None if not ex.boxes else ex.boxes[min(anim.sample, len(ex.boxes) - 1)]
+        if region is not None or boxes:
+            img = draw_task_marks(img, region, boxes, source_hw=tuple(ex.input.shape[-2:]))
         anim._cache[key] = np.ascontiguousarray(img)
     return anim._cache[key]
 
@@ -134,6 +139,8 @@ def target_text(anim: Animation) -> str:
     ex = anim.explanation
     c = ex.targets[anim.sample]
     p = float(ex.probabilities[anim.sample, c]) if c < ex.probabilities.shape[1] else float("nan")
+    if ex.task.get("kind", "classification") != "classification":
+        return f"{ex.task['kind']}: {ex.target_names[anim.sample]} (score={p:.4g})"
     return f"target {ex.target_names[anim.sample]} (p={p:.3f})"
 
 

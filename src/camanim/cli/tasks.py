@@ -1,0 +1,152 @@
+"""The ``--task`` options: what a command explains when it is not one class of a classifier."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from camanim.compute.capture import frozen_eval
+from camanim.compute.images import load_image
+from camanim.compute.models import LoadedModel, torchvision_task
+from camanim.compute.targets import resolve_class
+from camanim.compute.tasks import (
+    BoxScoreTarget,
+    MultiLabelTarget,
+    RegressionTarget,
+    SegmentationTarget,
+    SimilarityTarget,
+)
+from camanim.errors import OptionError
+from camanim.pipelines.explain import prepare_input
+
+TASKS = ("auto", "classification", "segmentation", "detection", "embedding", "multilabel", "regression")
+
+
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task (what --target means)")
+    g.add_argument(
+        "--task",
+        default="auto",
+        choices=TASKS,
+        help="auto (default: torchvision segmentation and detection models by name, else classification); "
+        "segmentation: --target CLASS over --region; detection: --box and --target LABEL, or --top-n; "
+        "embedding: cosine similarity to --reference; multilabel: --target LABELS (sigmoid); regression: "
+        "--target INDEX of the output",
+    )
+    g.add_argument("--region", default=None, metavar="MASK.png|x1,y1,x2,y2", help="segmentation: the region")
+    g.add_argument("--box", default=None, metavar="x1,y1,x2,y2[;...]", help="detection: the boxes to explain")
+    g.add_argument(
+        "--top-n", type=int, default=1, metavar="N", help="detection: the N most confident (default 1)"
+    )
+    g.add_argument(
+        "--iou", type=float, default=0.5, help="detection: least IoU of a matching box (default 0.5)"
+    )
+    g.add_argument("--reference", default=None, metavar="IMAGE|FILE.npy", help="embedding: the reference")
+    g.add_argument(
+        "--embedding-layer", default=None, metavar="NAME", help="embedding: a layer's pooled output"
+    )
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise OptionError(f"{what} takes x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
+        raise OptionError(f"{what} takes x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2, got {text!r}")
+    return values
+
+
+def resolve_task(args: argparse.Namespace) -> str:
+    """The task of a command (``--task``, or from the model's name), checked before any model is loaded."""
+    task = getattr(args, "task", "auto")
+    if task == "auto":
+        bare = str(args.model).split(":", 1)[-1]
+        task = torchvision_task(bare) if not str(args.model).startswith("timm:") else "classification"
+    given = {
+        "--region": args.region,
+        "--box": args.box,
+        "--reference": args.reference,
+        "--embedding-layer": args.embedding_layer,
+    }
+    allowed = {
+        "segmentation": {"--region"},
+        "detection": {"--box"},
+        "embedding": {"--reference", "--embedding-layer"},
+    }
+    wrong = [opt for opt, v in given.items() if v is not None and opt not in allowed.get(task, set())]
+    if wrong:
+        raise OptionError(f"{', '.join(wrong)} do not apply to the task {task!r} (see --task)")
+    if task == "segmentation" and args.region and "," in args.region:
+        _numbers(args.region, "--region")
+    elif task == "segmentation" and args.region and not Path(args.region).is_file():
+        raise OptionError(f"--region {args.region!r} is neither a mask image nor x1,y1,x2,y2")
+    if task == "detection" and args.box:
+        for part in args.box.split(";"):
+            _numbers(part, "--box")
+    if task == "detection" and not (0 < args.iou < 1 and args.top_n >= 1):
+        raise OptionError("--iou must be in (0, 1) and --top-n at least 1")
+    if task == "embedding" and args.reference is None:
+        raise OptionError(
+            "the embedding task explains the similarity to a reference: give --reference IMAGE or FILE.npy"
+        )
+    if task == "embedding" and not Path(args.reference).exists() and not args.reference.isidentifier():
+        raise OptionError(f"--reference {args.reference!r} does not exist")
+    if task in ("detection", "segmentation", "embedding", "regression") and getattr(args, "top_k", None):
+        raise OptionError(f"--top-k ranks a classifier's classes; it does not apply to the task {task!r}")
+    return task
+
+
+def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[LoadedModel, Any]:
+    """The model (an embedding layer tapped) and the target ``explain`` takes for ``task``; None for
+    classification (``--target`` and ``--score`` as they are)."""
+    names = lm.labels or ()
+    if task == "classification":
+        return lm, None
+    if task == "segmentation":
+        category = resolve_class(args.target, names) if args.target is not None and names else args.target
+        if category is None:
+            raise OptionError("the segmentation task explains one class: give --target CLASS (index or name)")
+        region = None
+        if args.region and "," in args.region:
+            region = _numbers(args.region, "--region")
+        elif args.region:
+            region = np.asarray(Image.open(args.region).convert("L")) > 127
+        score = "probability" if args.score == "probability" else "logit"
+        return lm, SegmentationTarget(int(category), region, score=score)
+    if task == "detection":
+        boxes = None if not args.box else [_numbers(b, "--box") for b in args.box.split(";")]
+        labels = None
+        if args.target is not None:
+            label = resolve_class(args.target, names) if names else int(args.target)
+            labels = [label] * (len(boxes) if boxes else 1)
+            if boxes is None:
+                raise OptionError("--target LABEL of a detection goes with --box: the box of that label")
+        return lm, BoxScoreTarget(boxes, labels, iou_threshold=args.iou, top_n=args.top_n, names=names)
+    if task == "multilabel":
+        if args.target is None:
+            raise OptionError("the multilabel task explains labels: give --target LABEL[,LABEL...]")
+        labels = [resolve_class(t.strip(), names or lm.class_names) for t in str(args.target).split(",")]
+        return lm, MultiLabelTarget(labels, names or lm.class_names)
+    if task == "regression":
+        return lm, RegressionTarget(None if args.target is None else int(args.target))
+    tapped = (
+        lm.with_output(None, "vector", tap=args.embedding_layer)
+        if args.embedding_layer
+        else lm.with_output(None, "vector")
+    )
+    return tapped, SimilarityTarget(_reference(args, tapped), Path(str(args.reference)).name)
+
+
+def _reference(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:
+    path = Path(str(args.reference))
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float().flatten()
+    x, _, _ = prepare_input(load_image(args.reference), lm, getattr(args, "input_size", None))
+    with frozen_eval(lm.model), torch.no_grad():
+        return lm.model(x.to(lm.device)).flatten(1)[0].float().cpu()
