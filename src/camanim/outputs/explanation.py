@@ -36,6 +36,9 @@ def write_explanation(ex: Explanation, bundle: Bundle, *, overlays: bool = True,
         "raw maps",
     )
     bundle.manifest.update(describe(ex))
+    if ex.regions is not None:
+        bundle.save_npy("regions.npy", ex.regions.numpy(), "the region a segmentation score is taken over")
+        bundle.manifest["regions"] = {"file": "regions.npy", "shape": "(B, H, W) bool, at the output's size"}
     written = []
     if overlays:
         lut = colormap_lut(cmap)

@@ -92,6 +92,8 @@ def stage_explanation(anim: Animation, bundle: Bundle, keep: bool) -> None:
     if keep and all(bundle.exists(rel) for rel in ("maps.npz", "input.npy", STATE_FILE)):
         for rel, role in _STATE_FILES.items():
             bundle.file(rel, role)
+        if bundle.exists("regions.npy"):
+            bundle.file("regions.npy", "the region a segmentation score is taken over")
         for rel in _input_pngs(ex.display.shape[0]):
             bundle.file(rel, _INPUT_ROLE)
         bundle.manifest.update(describe(ex))

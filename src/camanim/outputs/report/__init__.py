@@ -79,6 +79,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
             "class": target.get("class", "?"),
             "probability": finite(target.get("probability")),
             "score": str(target.get("score") or ""),
+            "value": finite(target.get("value")),
         }
     top5 = m.get("top5") or []
     top5 = top5[sample] if len(top5) > sample and isinstance(top5[sample], list) else []
@@ -129,6 +130,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
         input_uri=T.data_uri(T.encode(src.display, "jpeg", 90), "jpeg"),
         image_caption=f"{image_label}, {src.display.shape[1]}x{src.display.shape[0]} as given to the model",
         target=target,
+        task=m.get("task") if isinstance(m.get("task"), Mapping) else None,
         top5=[
             {
                 "class": r.get("class", "?"),

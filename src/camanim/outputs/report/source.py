@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from camanim.outputs.bundle import _jsonable, read_manifest, versions
+from camanim.outputs.render import draw_task_marks
 from camanim.pipelines.explain import describe
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ def from_bundle(folder: str | Path) -> Source:
         h, w = dig(manifest, "model", "preprocessing", "size", default=(224, 224))
         display = np.zeros((int(h), int(w), 3), np.uint8)
         logger.warning("%s has no input.png or input.npy: overlays are drawn on black", root)
+    regions = _inside(root, dig(manifest, "regions", "file", default="regions.npy"))
+    region = np.load(regions, allow_pickle=False)[sample] if regions is not None else None
+    display = marked(display, manifest, region, sample)
 
     figures = {}
     for role, places in FIGURES.items():
@@ -199,21 +203,42 @@ def _tensor_reader(maps: Mapping[str, Mapping[str, Any]]) -> MapReader:
     return read
 
 
+def marked(
+    display: np.ndarray, manifest: Mapping[str, Any], region: np.ndarray | None, sample: int
+) -> np.ndarray:
+    """The picture with what a task target explains drawn on it: a segmentation region's outline, the
+    detections' boxes (from the manifest's ``boxes``); unchanged for a classification."""
+    boxes = manifest.get("boxes") or None
+    boxes = boxes[min(sample, len(boxes) - 1)] if boxes else None
+    if region is None and not boxes:
+        return display
+    source_hw = tuple(dig(manifest, "input", "shape", default=[0, 0, *display.shape[:2]])[-2:])
+    return draw_task_marks(display, region, [tuple(b) for b in boxes] if boxes else None, source_hw=source_hw)
+
+
+def _ex_display(ex: Any, sample: int) -> np.ndarray:
+    region = None if getattr(ex, "regions", None) is None else ex.regions[sample].numpy()
+    return marked(
+        np.asarray(ex.display[sample]),
+        {"boxes": getattr(ex, "boxes", None), "input": {"shape": list(ex.input.shape)}},
+        region,
+        sample,
+    )
+
+
 def from_animation(anim: Any, *, strip: bool = True) -> Source:
     """An in-memory :class:`~camanim.animation.Animation` as a report source (nothing is written)."""
 
     ex = anim.explanation
     sections = describe(ex) | {"animation": anim.describe()}
     figures = {"strip": _png_bytes(anim.strip().image)} if strip else {}
-    return Source(
-        _memory_manifest(sections), _tensor_reader(ex.maps), np.asarray(ex.display[anim.sample]), figures
-    )
+    return Source(_memory_manifest(sections), _tensor_reader(ex.maps), _ex_display(ex, anim.sample), figures)
 
 
 def from_explanation(ex: Any, sample: int = 0) -> Source:
     """An in-memory :class:`~camanim.explanation.Explanation` as a report source."""
 
-    return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), np.asarray(ex.display[sample]))
+    return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), _ex_display(ex, sample))
 
 
 def finite(v: Any) -> float | None:
