@@ -516,9 +516,12 @@ def test_cli_end_to_end_on_digits(tmp_path, monkeypatch, capsys):
     )
     data = json.loads(page.split('id="embed-data">', 1)[1].split("</script>", 1)[0])
     assert [layer["name"] for layer in data["layers"]] == names and data["n"] == 300
-    # the report rebuilds from the files alone
+    # the report rebuilds from the files alone, or says why it cannot
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
+    (out / "projections.npz").unlink()
+    assert main(["report", str(out)]) == 2
+    assert "without a 2-D layout for every layer" in capsys.readouterr().err
 
 
 def test_report_escapes_names_and_notebook_display(tmp_path, digits_model):

@@ -28,6 +28,7 @@ import numpy as np
 
 import camanim.outputs.report.tiles as T
 from camanim.compute.separability import METRIC_TITLES, METRICS
+from camanim.errors import CamanimError
 from camanim.outputs.bundle import read_manifest
 from camanim.outputs.render import colormap_lut
 from camanim.outputs.report.page import asset, csp_hash, markup, script_json
@@ -81,8 +82,11 @@ def view_from_bundle(folder: str | Path) -> EmbedView:
     if p is not None:
         with np.load(p, allow_pickle=False) as z:
             layouts = [np.asarray(z[n], np.float32) for n in names if n in z.files]
-    if len(layouts) != len(names):
-        raise ValueError(f"{root}: projections.npz does not hold a layout for every layer")
+    if len(layouts) != len(names) or not names:
+        raise CamanimError(
+            f"{str(root)!r} is an embedding bundle without a 2-D layout for every layer (projections.npz): "
+            "it cannot be reported; run camanim embed again"
+        )
     classes = [str(c) for c in dig(m, "embed", "classes", default=[]) or []]
     index = {c: i for i, c in enumerate(classes)}
     rows: list[dict[str, str]] = []
