@@ -225,10 +225,19 @@ def test_reference_store(reference, inputs):
 def test_report_is_self_contained(reference):
     res, _ = reference
     figs = sorted(p.name for p in (res.root / "figures").glob("*.png"))
-    assert figs == ["band_tests.test_study_study_model.png", "best_layers_tests.test_study_study_model.png"]
+    assert figs == [
+        "band_tests.test_study_study_model.png",
+        "best_layers_tests.test_study_study_model.png",
+        "claim_tests.test_study_study_model.png",
+    ]
     page = (res.root / "study.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 2 and not re.search(r'(src|href)="(?!data:)', page)
+    assert page.count('src="data:image/png;base64,') == 3 and not re.search(r'(src|href)="(?!data:)', page)
     assert "<td>gradcam</td>" in page and "hirescam" in page
+    assert "Is the best layer the last?" in page and "held-out" in page  # the paper's claim over the images
+    with open(res.root / "claim.csv", newline="") as f:
+        claim = list(csv.DictReader(f))
+    assert {r["method"] for r in claim} == {"gradcam", "hirescam"}
+    assert {"difference_ci_low", "held_out_wilcoxon_p", "best_depth_mean"} <= set(claim[0])
 
 
 def test_same_numbers_as_ybroad(reference, inputs):

@@ -34,6 +34,11 @@ _LAZY = {
     "Embeddings": "camanim.pipelines.embed",
     "write_report": "camanim.outputs.report",
     "run_study": "camanim.outputs.study.runner",
+    "faithfulness": "camanim.pipelines.faithfulness",
+    "FaithfulnessResult": "camanim.pipelines.faithfulness",
+    "faithfulness_scores": "camanim.compute.metrics.faithfulness",
+    "sanity": "camanim.pipelines.sanity",
+    "SanityResult": "camanim.pipelines.sanity",
 }
 
 __all__ = [
@@ -58,12 +63,18 @@ __all__ = [
     "Embeddings",
     "write_report",
     "run_study",
+    "faithfulness",
+    "FaithfulnessResult",
+    "faithfulness_scores",
+    "sanity",
+    "SanityResult",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from camanim.compute.images import load_image
     from camanim.compute.layers import list_layers
     from camanim.compute.methods import get_method, list_methods
+    from camanim.compute.metrics.faithfulness import faithfulness_scores
     from camanim.compute.metrics.road import road_scores
     from camanim.compute.models import load_model
     from camanim.outputs.animation import animate
@@ -73,7 +84,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from camanim.pipelines.compare import Comparison, compare
     from camanim.pipelines.embed import Embeddings, embed
     from camanim.pipelines.explain import Explanation, explain
+    from camanim.pipelines.faithfulness import FaithfulnessResult, faithfulness
     from camanim.pipelines.fmgcam import FMGCAMResult, fmgcam
+    from camanim.pipelines.sanity import SanityResult, sanity
     from camanim.pipelines.ybroad import YbRoadResult, ybroad
 
 

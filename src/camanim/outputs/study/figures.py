@@ -5,6 +5,9 @@
   marked. For a checkpoint study, the last checkpoint.
 * ``best_layers_<model>.png``: per method, a histogram of the best layer (arg-max ROAD) over images.
 * ``epochs_<model>.png``: for a checkpoint study, per method, an epoch x layer heat map of the mean ROAD.
+* ``claim_<model>.png``: per method, the distribution over images of (max ybROAD - final ROAD) and of the
+  held-out difference, and of the best layer's relative depth: the CAManim paper's claim on many images
+  (:mod:`camanim.pipelines.study.claim`, whose numbers are written to ``claim.csv`` and ``study.html``).
 
 The report embeds the figures as base64 PNGs and escapes every string (jinja2 autoescape); it needs no file
 besides itself.
@@ -13,6 +16,8 @@ besides itself.
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import logging
 import os
 import re
@@ -24,12 +29,14 @@ import numpy as np
 
 from camanim.outputs.bundle import atomic_write_bytes
 from camanim.outputs.study.store import StudyStore
+from camanim.pipelines.study.claim import ClaimRow, claim_table
 from camanim.pipelines.study.units import StudyError
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "study.html"
 FIGURES_DIR = "figures"
+CLAIM_CSV = "claim.csv"
 
 
 def _safe(name: str) -> str:
@@ -202,6 +209,76 @@ def plot_epochs(stats: list[dict[str, Any]], folder: Path) -> list[tuple[Path, s
     return out
 
 
+def study_claim(store: StudyStore) -> list[ClaimRow]:
+    """The claim's numbers of a study (:func:`camanim.pipelines.study.claim.claim_table`)."""
+    summary = store.read_summary()
+    if summary.num_rows == 0:
+        return []
+    cols = ["model", "checkpoint_index", "checkpoint", "method", "image", "position", "road", "layer_name"]
+    return claim_table(summary.to_pylist(), store.read_layers().select(cols).to_pylist())
+
+
+def write_claim(study_dir: str | os.PathLike[str]) -> tuple[Path, list[ClaimRow]]:
+    """Write ``STUDY_DIR/claim.csv`` (one row per model, checkpoint and method); returns it and the rows."""
+    store = StudyStore(Path(study_dir))
+    rows = study_claim(store)
+    buf = io.StringIO()
+    dicts = [r.to_dict() for r in rows]
+    if dicts:
+        w = csv.DictWriter(buf, fieldnames=list(dicts[0]), lineterminator="\n")
+        w.writeheader()
+        for d in dicts:
+            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in d.items()})
+    path = store.root / CLAIM_CSV
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path, rows
+
+
+def plot_claim(summary: Any, layers: Any, claim: list[ClaimRow], folder: Path) -> list[tuple[Path, str]]:
+    """``claim_<model>.png`` per model: per method, (max - final) and the held-out difference over images,
+    and a histogram of the best layer's relative depth (last checkpoint)."""
+    rows = summary.to_pylist()
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sel = [r for r in rows if r["model"] == model]
+        last = max(r["checkpoint_index"] for r in sel)
+        sel = [r for r in sel if r["checkpoint_index"] == last]
+        methods = list(dict.fromkeys(r["method"] for r in sel))
+        fig = _figure(10, 3.6)
+        ax1, ax2 = fig.subplots(1, 2)
+        diffs = [[r["difference"] for r in sel if r["method"] == m] for m in methods]
+        ax1.boxplot(diffs, positions=np.arange(len(methods)) * 2.0, widths=0.6)
+        held = {c.method: c for c in claim if c.model == model}
+        for i, m in enumerate(methods):
+            ax1.plot(np.full(len(diffs[i]), 2.0 * i), diffs[i], ".", color="C0", alpha=0.6)
+            c = held.get(m)
+            if c is not None and np.isfinite(c.held_out_mean):
+                lo, hi = c.held_out_ci
+                ax1.errorbar(2.0 * i + 0.8, c.held_out_mean, yerr=[[c.held_out_mean - lo], [hi - c.held_out_mean]],
+                             fmt="s", color="C3", capsize=3)  # fmt: skip
+        ax1.axhline(0, color="0.5", lw=0.6)
+        ax1.set_xticks(np.arange(len(methods)) * 2.0 + 0.4)
+        ax1.set_xticklabels(methods, fontsize=7, rotation=30)
+        ax1.set_ylabel("ROAD difference")
+        ax1.set_title("max ybROAD - final ROAD (box, dots: images);\nheld-out layer - final (red: mean, 95 % CI)",
+                      fontsize=8)  # fmt: skip
+        bins = np.linspace(0, 1, 11)
+        for i, m in enumerate(methods):
+            depth = [r["best_position"] / max(r["layers"] - 1, 1) for r in sel if r["method"] == m]
+            ax2.hist(depth, bins=bins, histtype="step", lw=1.5, color=f"C{i % 10}", label=m)
+        ax2.set_xlabel("best layer's relative depth (0 = first scored layer, 1 = final)")
+        ax2.set_ylabel("images")
+        ax2.legend(fontsize=7)
+        fig.suptitle(
+            f"Is the best layer the last? {model}, {len({r['image'] for r in sel})} images", fontsize=10
+        )
+        fig.tight_layout()
+        path = folder / f"claim_{_safe(model)}.png"
+        fig.savefig(path)
+        out.append((path, f"The CAManim paper's claim over the study's images: {model}"))
+    return out
+
+
 def plot_study(study_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
     """Render every figure of a study into ``STUDY_DIR/figures``; returns ``(path, caption)`` pairs."""
 
@@ -212,7 +289,13 @@ def plot_study(study_dir: str | os.PathLike[str]) -> list[tuple[Path, str]]:
     if summary.num_rows == 0:
         return []
     stats = _per_layer(layers)
-    return plot_bands(stats, folder) + plot_best_layers(summary, stats, folder) + plot_epochs(stats, folder)
+    claim = study_claim(store)
+    return (
+        plot_bands(stats, folder)
+        + plot_best_layers(summary, stats, folder)
+        + plot_epochs(stats, folder)
+        + plot_claim(summary, layers, claim, folder)
+    )
 
 
 SUMMARY_STATS = ("mean_layerwise_road", "max_ybroad", "final_layer_road", "difference")
@@ -277,6 +360,24 @@ Results: <code>layers/*.parquet</code> (one row per image, model, checkpoint, me
 <td class="n">{{ "%.4f"|format(r[c][0]) }} &plusmn; {{ "%.4f"|format(r[c][1]) }}</td>{% endfor %}
 <td>{{ r.best_layer }} ({{ "%.0f"|format(100 * r.best_share) }} %)</td></tr>{% endfor %}
 </table>
+{% if claim %}<h2>Is the best layer the last? (the CAManim paper's claim over these images)</h2>
+<p>Per model and method over the images: (max ybROAD &minus; final-layer ROAD) with a bootstrap 95 % CI and the
+one-sided Wilcoxon signed-rank p of &ldquo;max &gt; final&rdquo; (the max is taken on the same image, so this
+difference is never negative and is lifted by ROAD's noise); the <em>held-out</em> difference, where each image's
+layer is the one of highest mean ROAD over the <em>other</em> images (leave-one-out), against the final layer,
+with its CI, wins and Wilcoxon p; and the best layer's relative depth (0 first, 1 final).</p>
+<table><tr><th>model</th><th>method</th><th>images</th><th>max &minus; final: mean [95 % CI]</th><th>Wilcoxon p</th>
+<th>held-out &minus; final: mean [95 % CI]</th><th>wins</th><th>Wilcoxon p</th><th>held-out layer (most chosen)</th>
+<th>best depth: mean / median</th><th>best is final</th></tr>
+{% for c in claim %}<tr><td>{{ c.model }}</td><td>{{ c.method }}</td><td class="n">{{ c.images }}</td>
+<td class="n">{{ "%.4f"|format(c.difference_mean) }} [{{ "%.4f"|format(c.difference_ci[0]) }}, {{ "%.4f"|format(c.difference_ci[1]) }}]</td>
+<td class="n">{{ "%.2g"|format(c.wilcoxon_max_vs_final_p) }}</td>
+<td class="n">{{ "%.4f"|format(c.held_out_mean) }} [{{ "%.4f"|format(c.held_out_ci[0]) }}, {{ "%.4f"|format(c.held_out_ci[1]) }}]</td>
+<td class="n">{{ c.held_out_wins }}/{{ c.images }}</td><td class="n">{{ "%.2g"|format(c.held_out_wilcoxon_p) }}</td>
+<td>{{ c.held_out_layer }}</td>
+<td class="n">{{ "%.2f"|format(c.best_depth_mean) }} / {{ "%.2f"|format(c.best_depth_median) }}</td>
+<td class="n">{{ "%.0f"|format(100 * c.best_is_final_share) }} %</td></tr>{% endfor %}
+</table>{% endif %}
 {% for f in figures %}<figure><img alt="{{ f.caption }}" src="data:image/png;base64,{{ f.data }}">
 <figcaption>{{ f.caption }}</figcaption></figure>{% endfor %}
 {% if failures %}<h2>Failed units</h2>
@@ -330,6 +431,7 @@ def write_study_report(study_dir: str | os.PathLike[str], *, figures: bool = Tru
         failed=len(failures),
         settings=shown,
         rows=aggregate(summary) if summary.num_rows else [],
+        claim=write_claim(store.root)[1] if summary.num_rows else [],
         figures=[{"caption": c, "data": base64.b64encode(p.read_bytes()).decode("ascii")} for p, c in figs],
         failures=list(failures.values()),
         versions=", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()),
