@@ -113,6 +113,7 @@ class SESS(MultiPassMethod):
 
     paper = "Tursun et al., SESS: Saliency Enhancing with Scaling and Sliding, ECCV 2022"
     resolution = "input"
+    default_num_scales = 12
     passes = (
         "P patches x (1 scoring forward + 1 forward + 1 backward) per image for all N layers (batched); "
         "P = 122 at 224x224"
@@ -175,8 +176,8 @@ class SESS(MultiPassMethod):
 
         names = [layer.name for layer in ctx.layers]
         wanted = set(names)
-        total = {n: x.new_zeros(h, w, dtype=torch.float32) for n in names}
-        counts = {n: x.new_zeros(h, w, dtype=torch.float32) for n in names}
+        total = x.new_zeros(len(names), h, w, dtype=torch.float32)  # every layer's fusion, (L, H, W)
+        counts = torch.zeros_like(total)
         kind = TARGET_KINDS[ctx.score]
         for start in range(0, len(order), batch):
             idx = order[start : start + batch]
@@ -197,27 +198,29 @@ class SESS(MultiPassMethod):
                 consumer=consumer,
                 gradients=base.needs_gradients,
             )
-            for name, m in got.items():
-                cam = _minmax(m.clamp_min(0))
-                cam = F.interpolate(cam[:, None], size=(window, window), mode="bilinear", align_corners=False)
-                cam = _minmax(cam[:, 0])
-                for j, i in enumerate(idx):
-                    xx, y, sh, sw = coords[i]
-                    pasted = paste_resized(
-                        cam[j : j + 1] * float(weights[start + j]), xx, y, (sh, sw), (h, w)
-                    )[0]
-                    if opts["pool"] == "max":
-                        torch.maximum(total[name], pasted, out=total[name])
-                    else:
-                        mask = pasted > opts["theta"]
-                        total[name] += torch.where(mask, pasted, 0.0)
-                        counts[name] += mask
-        result = {}
-        for name in names:
-            fused = total[name] if opts["pool"] == "max" else total[name] / counts[name].clamp_min(1)
-            if opts["pool"] != "max":
-                fused = torch.where(counts[name] > 0, fused, 0.0)
-            result[name] = gaussian_blur(fused[None])[0] if opts["smooth"] else fused
+            # Each patch map: ReLU, min-max, resized to the window, min-max again (grad-cam's base CAM and its
+            # one-layer aggregation); a layer the gradient did not reach adds nothing.
+            cams = inp.new_zeros(len(names), len(idx), window, window, dtype=torch.float32)
+            for li, name in enumerate(names):
+                if name in got:
+                    cam = _minmax(got[name].clamp_min(0))[:, None]
+                    cam = F.interpolate(cam, size=(window, window), mode="bilinear", align_corners=False)
+                    cams[li] = _minmax(cam[:, 0])
+            for j, i in enumerate(idx):
+                xx, y, sh, sw = coords[i]
+                pasted = paste_resized(cams[:, j] * float(weights[start + j]), xx, y, (sh, sw), (h, w))
+                if opts["pool"] == "max":
+                    torch.maximum(total, pasted, out=total)
+                else:
+                    mask = pasted > opts["theta"]
+                    total += torch.where(mask, pasted, 0.0)
+                    counts += mask
+        fused = total
+        if opts["pool"] != "max":
+            fused = torch.where(counts > 0, total / counts.clamp_min(1), 0.0)
+        if opts["smooth"]:
+            fused = gaussian_blur(fused)
+        result = {name: fused[li] for li, name in enumerate(names)}
         return result
 
 
@@ -234,7 +237,7 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     theta = non_negative(options, "theta", 0.0)
     return {
         "base": str(options.get("base", "gradcam")),
-        "num_scales": positive_int(options, "num_scales", 12),
+        "num_scales": positive_int(options, "num_scales", SESS.default_num_scales),
         "scales": list(scales) if scales else None,
         "scale_step_ratio": float(options.get("scale_step_ratio", 2.0 / 7.0)),
         "window": positive_int(options, "window", 1) if options.get("window") else None,

@@ -199,20 +199,21 @@ class SampledScoreCAM(MultiPassMethod):
         for layer in layers:
             a = ctx.values[layer.name]
             for b in range(a.shape[0]):
-                masks = upsampled_masks(a[b], size).to(xw.device)  # (C, H, W)
-                chans = picked[layer.name][b].to(xw.device)
+                chans = picked[layer.name][b].to(a.device)
+                masks = upsampled_masks(a[b, chans], size).to(xw.device)  # (n, H, W): the scored channels
+                full = (a.shape[1], *size)  # torchcam draws the noise of every channel: so do we, in order
                 gen = torch.Generator().manual_seed(layer_seed(ctx.seed, layer.name))
                 for s in range(samples):
                     noise = None
-                    if std is not None:  # torchcam draws the noise of every channel
-                        noise = torch.normal(
-                            torch.zeros(masks.shape), torch.full(masks.shape, std), generator=gen
-                        ).to(masks.device)
+                    if std is not None:
+                        noise = torch.normal(torch.zeros(full), torch.full(full, std), generator=gen)
+                        noise = noise[chans.cpu()].to(masks.device)
                     for start in range(0, len(chans), chunk):
-                        idx = chans[start : start + chunk]
+                        part = slice(start, start + chunk)
                         inputs = self.masked_inputs(
-                            xw[b], masks[idx], s, samples, None if noise is None else noise[idx]
+                            xw[b], masks[part], s, samples, None if noise is None else noise[part]
                         )
+                        idx = chans[part].to(xw.device)
                         yield layer, b, s, inputs, idx
 
 
