@@ -34,6 +34,7 @@ from camanim.cli.errors import error_line
 from camanim.cli.options import (
     LAYERS_HELP,
     Parser,
+    add_method_options,
     add_model_options,
     add_output_options,
     add_target_options,
@@ -41,6 +42,7 @@ from camanim.cli.options import (
     int_at_least,
     int_between,
     method_help,
+    methods_epilog,
     non_empty,
     percentages,
 )
@@ -74,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", dest="input_size", type=input_size, default=None, help="same as --input-size")
     p.set_defaults(func=cmd_layers)
 
-    p = sub.add_parser("explain", help="raw maps and overlays for chosen layers and methods")
+    p = sub.add_parser(
+        "explain",
+        help="raw maps and overlays for chosen layers and methods",
+        epilog=methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_options(p)
     add_target_options(p)
     p.add_argument(
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="scorecam: run its forwards through torch.compile (pays off only once Inductor's cache is warm)",
     )
+    add_method_options(p)
     add_output_options(p)
     add_task_options(p)
     p.set_defaults(func=cmd_explain)

@@ -15,6 +15,7 @@ import torch
 
 from camanim.cli.checks import is_best
 from camanim.cli.layerwise import best_layer_by
+from camanim.cli.options import method_kwargs
 from camanim.cli.tasks import task_target
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
@@ -116,6 +117,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         max_channels=getattr(args, "max_channels", None),
         compile=getattr(args, "compile", False),
         input_size=args.input_size,
+        **method_kwargs(args),
     )
     _warn_blank(ex)
     path = save_explanation(

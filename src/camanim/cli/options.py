@@ -10,7 +10,8 @@ import argparse
 from collections.abc import Callable
 from typing import NoReturn
 
-from camanim.compute.methods import list_methods
+from camanim.compute.methods import list_methods, method_class
+from camanim.compute.methods.base import pass_summary
 from camanim.compute.metrics.road import RoadError, check_percentages
 from camanim.compute.models import parse_input_size
 from camanim.errors import OptionError
@@ -155,3 +156,69 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def method_help() -> str:
 
     return "comma-separated: " + ", ".join(list_methods()) + " or 'all'"
+
+
+def methods_epilog() -> str:
+    """Every method with its cost class and the passes it needs for N layers (``camanim explain --help``)."""
+    lines = ["methods (cost class: passes for N layers):"]
+    for name in list_methods():
+        cls = method_class(name)
+        lines.append(f"  {name:<18} {cls.cost}: {pass_summary(cls)}")
+    lines.append("'all' is every one_pass method; the others run when named.")
+    return "\n".join(lines)
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--option``."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. kernel=rbf), got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """Options of the methods that take them, passed to :func:`camanim.explain` (see each method)."""
+    g = p.add_argument_group("method options")
+    g.add_argument("--seed", type=int, default=0, help="seed of the methods that draw noise or samples")
+    g.add_argument(
+        "--samples",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="smoothgradcam++, sscam, iscam: noisy or integrated samples (defaults 4, 35, 10)",
+    )
+    g.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        metavar="STD",
+        help="smoothgradcam++, sscam: standard deviation of the noise (defaults 0.3, 2.0)",
+    )
+    g.add_argument(
+        "--eigen-smooth",
+        action="store_true",
+        help="each map is the first principal component of the method's weighted activations",
+    )
+    g.add_argument(
+        "--option",
+        dest="method_options",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other method option, repeatable: kernel=rbf (kpcacam), concepts=8 (dff), base=hirescam "
+        "(sess, refinecam), anchors=NAME (refinecam), num_scales=6 (sess), pool=model (legrad), ...",
+    )
+
+
+def method_kwargs(args: argparse.Namespace) -> dict:
+    """``seed``, ``eigen_smooth`` and ``options`` for :func:`camanim.explain` from :func:`add_method_options`."""
+    options = dict(getattr(args, "method_options", None) or [])
+    for key in ("samples", "noise"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    return {
+        "seed": getattr(args, "seed", 0),
+        "eigen_smooth": getattr(args, "eigen_smooth", False),
+        "options": options,
+    }

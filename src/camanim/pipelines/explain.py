@@ -111,6 +111,8 @@ class Explanation:
         regions: the region a segmentation score is taken over, ``(B, h, w)`` bool at the output's
             resolution; None for other tasks.
         boxes: per sample, the detections explained, ``(x1, y1, x2, y2, label)`` in input pixels; or None.
+        extras: what a method computes beside its maps, by method (e.g. Deep Feature Factorization's concepts
+            per layer, FullGrad's input term and single full map): see each method's ``extras``.
         passed_over: layers a sweep or ``"last"`` would have ended with but left out, with the reason: the
             trailing layers whose gradient is zero at every position, whose maps can only be blank (a ViT's
             final norm reaches the head only through the class token); see :data:`LAST_CANDIDATES`.
@@ -138,6 +140,7 @@ class Explanation:
     task: dict = field(default_factory=lambda: {"kind": "classification"}, repr=False)
     regions: Tensor | None = field(default=None, repr=False)
     boxes: list | None = field(default=None, repr=False)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -357,7 +360,9 @@ def explain(
         raise OptionError("top_k explains the K most probable classes and target one class: give one of them")
     task = target if _is_task(target) else None
     if task is not None and hasattr(task, "expect"):
-        lm = lm.with_output(getattr(task, "output", None) or output, task.expect, getattr(lm.model, "tap", None))
+        lm = lm.with_output(
+            getattr(task, "output", None) or output, task.expect, getattr(lm.model, "tap", None)
+        )
         net = lm.model
     names = parse_methods(methods)
     per_channel = {n: get_method(n, seed=seed) for n in names if method_class(n).cost == "per_channel"}
@@ -438,7 +443,7 @@ def explain(
             no_grad.add(layer.name)
         # Gradient-free maps do not depend on the pass: computed at the first and repeated.
         todo = instances if k == 0 else with_grads
-        tensors = LayerTensors(value, grad, layer.name)
+        tensors = LayerTensors(value, grad, layer.name, options)
         computed = compute_maps(todo, tensors, eigen_smooth=eigen_smooth)
         if bases and grad is not None:
             for b, m in compute_maps(bases, tensors, eigen_smooth=eigen_smooth).items():
@@ -501,6 +506,7 @@ def explain(
             maps[n].update(per_layer)
             flags[n].update({k: () for k in per_layer})
         timings["per_channel"] = time.perf_counter() - t
+    extras: dict[str, dict[str, Any]] = {}
     if multi:
         t = time.perf_counter()
         ctx = PassContext(
@@ -511,7 +517,7 @@ def explain(
             score=score,
             seed=seed,
             batch_size=batch_size,
-            options=dict(options or {}),
+            options=({} if max_channels is None else {"max_channels": max_channels}) | dict(options or {}),
             values=kept,
             base_maps={
                 b: {name: p[0] if passes == 1 else torch.cat(p) for name, p in per.items()}
@@ -532,6 +538,8 @@ def explain(
         for n, per_layer in run_multi_pass(multi, ctx).items():
             maps[n].update(per_layer)
             flags[n].update({k: () for k in per_layer})
+            if getattr(multi[n], "extras", None):
+                extras[n] = multi[n].extras
         kept.clear()
         timings["multi_pass"] = time.perf_counter() - t
 
@@ -599,6 +607,7 @@ def explain(
         regions=None if regions is None else regions.detach().cpu(),
         boxes=boxes,
         passed_over=tuple(passed_over),
+        extras=extras,
     )
 
 

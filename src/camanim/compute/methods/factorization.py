@@ -173,7 +173,10 @@ class KPCACAM(CAMMethod):
         kernel = str(t.options.get("kernel", "sigmoid"))
         if kernel not in KERNELS:
             raise OptionError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
-        gamma, fit_positions = t.options.get("gamma"), t.options.get("kpca_positions")
+        gamma = t.options.get("gamma")
+        gamma = None if gamma is None else float(gamma)
+        fit_positions = t.options.get("kpca_positions")
+        fit_positions = None if fit_positions is None else int(fit_positions)
         a = torch.nan_to_num(t.acts.detach(), nan=0.0)
         b, c, h, w = a.shape
         out = []
