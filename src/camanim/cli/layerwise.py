@@ -1,6 +1,6 @@
 """``camanim faithfulness`` (every faithfulness metric of every layer), ``camanim sanity`` (the cascading
-model-randomisation check, layer by layer) and ``--by METRIC`` for ``--layers best`` in explain, animate and
-run; registered by :func:`add_parser` from :mod:`camanim.cli`."""
+model-randomisation check, layer by layer) and ``--by METRIC`` for ``--layers best`` in explain and animate; registered by :func:`add_parser` from
+:mod:`camanim.cli`."""
 
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def depths_option(text: str) -> int | None:
 
 def add_parser(sub: Any) -> None:
     """Add ``faithfulness`` and ``sanity`` to the ``camanim`` subparsers ``sub``, and ``--by`` to the
-    commands that take ``--layers best`` (explain, animate, run: call after they are added)."""
-    for name in ("explain", "animate", "run"):
+    commands that take ``--layers best`` (explain and animate: call after they are added)."""
+    for name in ("explain", "animate"):
         if name in sub.choices:
             sub.choices[name].add_argument(
                 "--by",
