@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shutil
@@ -251,7 +252,7 @@ def section(rows: list[dict], args) -> str:
         "",
         f"`python benchmarks/bench_table1.py{' ' + ' '.join(args.argv) if args.argv else ''}` "
         f"({datetime.date.today().isoformat()}): torchvision models with random weights (seed 0), `chelsea`, "
-        f"{args.method}, {camanim_source()}, CPU: {os.cpu_count()} shared cores, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"{args.method}, {args.source}, CPU: {os.cpu_count()} shared cores, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads; 1-min load average {min(loads):.1f} to {max(loads):.1f}. Medians of {args.repeats} interleaved "
         'rounds. **Ours**: `camanim.animate(lm, "chelsea", methods=..., layers="all")` + '
         '`save(formats="mp4", extras=False)`: one capture, ranges, every frame rendered (local | global) and '
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-layers", type=int, default=4, help="layers timed for the per-layer loop, per round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
+    p.add_argument("--from-json", type=Path, default=None, help="report a saved run (bench_table1.json)")
     args = p.parse_args(argv)
     args.argv = [a for a in argv if a != "--write"]
     if args.threads:
@@ -320,11 +322,22 @@ def main(argv: list[str] | None = None) -> None:
     bad = [k for k in keys if k not in MODELS]
     if bad:
         p.error(f"unknown models {bad}; choose from {', '.join(MODELS)}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_table1_"))
-    try:
-        rows = [run_model(k, args, tmp) for k in keys]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        rows, args.argv, args.source = saved["rows"], saved["argv"], saved["camanim"]
+        args.method, args.repeats, args.ref_layers = saved["method"], saved["repeats"], saved["ref_layers"]
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_table1_"))
+        try:
+            rows = [run_model(k, args, tmp) for k in keys]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        args.source = camanim_source()
+        saved = {"rows": rows, "argv": args.argv, "camanim": args.source, "method": args.method}
+        saved |= {"repeats": args.repeats, "ref_layers": args.ref_layers}
+        out = Path(tempfile.gettempdir()) / "bench_table1.json"
+        out.write_text(json.dumps(saved, indent=1))
+        print(f"saved {out}")
     text = section(rows, args)
     print("\n" + text)
     if args.write:

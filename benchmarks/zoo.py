@@ -286,6 +286,40 @@ def reference_maps(model, x, layers, target: int) -> tuple[dict, int]:
     return maps, top1
 
 
+def softmax_audit(model, x, table) -> list[list]:
+    """Layers camanim reads as maps whose output looks like attention probabilities: non-negative and
+    summing to one along its last axis or its channel axis (a check by content, independent of shapes)."""
+    import torch
+
+    kinds = {la.name: la for la in table if la.kind != "nonspatial"}
+    names = {m: n for n, m in model.named_modules() if n}
+    calls: collections.Counter = collections.Counter()
+    found: list[list] = []
+
+    def hook(module, _inp, out):
+        n = names[module]
+        calls[n] += 1
+        name = n if calls[n] == 1 else f"{n}#{calls[n]}"
+        la = kinds.get(name)
+        if la is None or not isinstance(out, torch.Tensor) or out.dim() < 3 or not out.is_floating_point():
+            return
+        t = out.detach().float()
+        if float(t.min()) < 0:
+            return
+        for dim in (-1, 1):
+            if t.shape[dim] > 1 and torch.allclose(t.sum(dim), torch.ones(()), atol=1e-3):
+                found.append([name, la.type, la.kind, list(t.shape), dim])
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def pearson(a, b) -> float:
     a = a.flatten().double()
     b = b.flatten().double()
@@ -387,6 +421,8 @@ def run_one(source: str, name: str, threads: int | None) -> dict:
                 entry["status"] = "ok" if entry["r"] >= PARITY else "MISMATCH: r below 0.9999"
             parity.append(entry)
     row["parity"] = parity
+    row["stage"] = "softmax audit"
+    row["softmax_like"] = softmax_audit(model, x, table)
     compared = [p["r"] for p in parity if "r" in p]
     row["parity_min"] = min(compared) if compared else None
     row["ok"] = True
