@@ -299,6 +299,11 @@ class FrameStyle:
         curve_height: Height of the progress strip when a running curve is drawn.
         progress_color: Fill colour of the covered part of the strip.
         curve_color: Colour of the running curve.
+        view: what a frame of a volume map shows: ``"slices"``, ``"mip"``, ``"frames"`` (a clip),
+            ``"axial:N"``, ``"coronal:N"`` or ``"sagittal:N"``; None: slices, or frames for a clip (see
+            :mod:`camanim.outputs.volume_frames`). Ignored for 2-D maps.
+        slice_at: ``(z, y, x)`` on the model's grid the slices of a volume go through; None: the maximum of
+            the final layer's map.
     """
 
     tile_size: tuple[int, int] | None = None
@@ -315,6 +320,8 @@ class FrameStyle:
     curve_height: int = 28
     progress_color: RGB = (190, 190, 190)
     curve_color: RGB = (31, 119, 180)
+    view: str | None = None
+    slice_at: tuple[int, int, int] | None = None
 
 
 class FrameComposer:

@@ -27,6 +27,7 @@ from camanim.outputs.animation.figures import PERCENTILES, write_figures
 from camanim.outputs.animation.frames import render
 from camanim.outputs.animation.fused import describe_fusion
 from camanim.outputs.animation.resume import load_staged, matches_staged, stage_explanation
+from camanim.outputs.animation.volume import describe_volume, is_volume
 from camanim.outputs.bundle import Bundle, open_bundle
 from camanim.outputs.report.notebook import animation_html
 from camanim.outputs.video import FORMATS, open_writer
@@ -138,6 +139,7 @@ def describe_animation(anim: Animation) -> dict[str, Any]:
         "road": {m: list(v) for m, v in anim.road.items()} if anim.road else None,
         "fmgcam": describe_fusion(anim.fusion) if anim.fusion is not None else None,
         "fingerprint": anim.fingerprint(),
+        "volume": describe_volume(anim) if is_volume(anim) else None,
     }
 
 

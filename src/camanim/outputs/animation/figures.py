@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from camanim.compute.resize import shrink
 from camanim.outputs.animation.frames import colour, map_size_text, style_of
+from camanim.outputs.animation.volume import is_volume, volume_overlays
 from camanim.outputs.bundle import Bundle
 from camanim.outputs.fmgcam import with_legend
 from camanim.outputs.render import grid, save_png
@@ -70,6 +71,11 @@ def strip(anim: Animation, tile: int = 112) -> Strip:
     size = tile_size(tile, anim.size)
     rows, labels = [], []
     for m in anim.methods:
+        if is_volume(anim):  # each tile the layer's view of the volume (slices, projections, frames)
+            for nm in anim.norms:
+                rows.append(list(volume_overlays(anim, m, nm, positions, max(size))))
+                labels.append(f"{m} · {nm}")
+            continue
         stack = shrink(raw_stack(anim, m, positions), size)
         for nm in anim.norms:
             rows.append(list(colour(anim, stack, m, nm, positions, size)))

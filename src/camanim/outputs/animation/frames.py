@@ -26,6 +26,7 @@ from camanim.compute.normalize import Range
 from camanim.compute.resize import shrink
 from camanim.errors import UnknownNameError
 from camanim.outputs.animation.fused import LegendComposer
+from camanim.outputs.animation.volume import is_volume, volume_caption, volume_frames, volume_overlays
 from camanim.outputs.fmgcam import blend_classes
 from camanim.outputs.render import FrameComposer, FrameStyle, colormap_lut, draw_task_marks, overlay_batch
 from camanim.pipelines.animate import (
@@ -107,6 +108,10 @@ def overlays(
     """The coloured maps over the image, as the tiles of the frames: ``(n, H, W, 3)`` uint8."""
     size = size or anim.size
     pos = resolve_positions(len(anim.layers), positions)
+    if is_volume(
+        anim
+    ):  # slices, projections or a clip's frames of each volume map (size: longest panel side)
+        return volume_overlays(anim, method, norm, pos, None if size == anim.size else max(size))
     stack = shrink(raw_stack(anim, method, pos), size)
     return colour(anim, stack, method, norm, pos, size)
 
@@ -126,9 +131,10 @@ def layout_norms(norms: Sequence[str], layout: str) -> tuple[str, ...]:
 
 
 def map_size_text(layer: Layer) -> str:
-    """A layer's native map size, ``"HxW"`` (or its output shape when it has no map size)."""
+    """A layer's native map size, ``"HxW"`` (``"DxHxW"`` for a volume map; its output shape when it has no map
+    size)."""
     if layer.map_size:
-        return f"{layer.map_size[0]}x{layer.map_size[1]}"
+        return "x".join(str(s) for s in layer.map_size)
     return "x".join(str(s) for s in layer.shape[1:]) or "-"
 
 
@@ -148,6 +154,8 @@ def caption(anim: Animation, method: str | None, position: int) -> list[str]:
     """Caption lines of frame ``position``: layer index/total and name; module type and native map size;
     method(s), target class and probability; flags and ROAD. (Parameter counts are in ``layers.csv``:
     a line that changes every frame costs a text rendering per frame.)"""
+    if is_volume(anim):
+        return volume_caption(anim, method, position)
     layer = anim.layers[position]
     n = len(anim.layers)
     shown = anim.methods if method is None else (method,)
@@ -221,8 +229,17 @@ def render(
     if method not in anim.methods:
         raise UnknownNameError("method", method, anim.methods)
     norms = layout_norms(anim.norms, layout)
-    rows = composers(anim, None if layout == "grid" else method, layout)
     pos = resolve_positions(len(anim.layers), positions)
+    if is_volume(anim):
+        methods = anim.methods if layout == "grid" else (method,)
+        titles = [
+            [f"{m} · {_SHORT[nm]}" if layout == "grid" or len(norms) == 1 else _TITLES[nm] for nm in norms]
+            for m in methods
+        ]
+        curves = [_progress_curve(anim, None if layout == "grid" else m) for m in methods]
+        yield from volume_frames(anim, methods, norms, titles, pos, layout == "grid", curves)
+        return
+    rows = composers(anim, None if layout == "grid" else method, layout)
     n = len(anim.layers)
     for start in range(0, len(pos), CHUNK):
         chunk = pos[start : start + CHUNK]

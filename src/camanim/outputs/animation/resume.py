@@ -34,9 +34,11 @@ from PIL import Image
 
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
+from camanim.outputs.animation.volume import geometry, is_volume, volume_settings
 from camanim.outputs.bundle import Bundle, staging_path
-from camanim.outputs.explanation import write_explanation
+from camanim.outputs.explanation import DISPLAY_FILE, write_explanation
 from camanim.outputs.render import save_png
+from camanim.outputs.volume_frames import panel_longest, view_image
 from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import Explanation, describe
 
@@ -94,13 +96,15 @@ def stage_explanation(anim: Animation, bundle: Bundle, keep: bool) -> None:
             bundle.file(rel, role)
         if bundle.exists("regions.npy"):
             bundle.file("regions.npy", "the region a segmentation score is taken over")
+        if bundle.exists(DISPLAY_FILE):
+            bundle.file(DISPLAY_FILE, "the volume the model saw, (B, D, H, W, 3) uint8")
         for rel in _input_pngs(ex.display.shape[0]):
             bundle.file(rel, _INPUT_ROLE)
         bundle.manifest.update(describe(ex))
         return
     write_explanation(ex, bundle, overlays=False)
     for b, rel in enumerate(_input_pngs(ex.display.shape[0])):
-        save_png(bundle.file(rel, _INPUT_ROLE), ex.display[b])
+        save_png(bundle.file(rel, _INPUT_ROLE), _picture(anim, b))
     state = {
         "request": anim.request,
         "fingerprint": anim.fingerprint(),
@@ -109,6 +113,17 @@ def stage_explanation(anim: Animation, bundle: Bundle, keep: bool) -> None:
         "class_names": list(ex.class_names),
     }
     bundle.write_json(STATE_FILE, state, _STATE_FILES[STATE_FILE])
+
+
+def _picture(anim: Animation, b: int) -> np.ndarray:
+    """``input.png`` of sample ``b``: the picture, or for a volume its view (the animation's slices, no map)."""
+    ex = anim.explanation
+    if not is_volume(anim):
+        return ex.display[b]
+    geo = geometry(anim)
+    view, point = volume_settings(anim)
+    blank = np.zeros(geo.grid, np.float32)
+    return view_image(blank, ex.display[b], geo, view, point, longest=panel_longest(anim.size), alpha=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- reuse
@@ -178,7 +193,13 @@ def _rebuild(where: Path, state: Mapping[str, Any], x: np.ndarray) -> Explanatio
     chosen = tuple(by_name[n] for n in d["chosen_layers"])
     maps = {m: {la.name: arrays[f"{m}/{la.name}"] for la in chosen} for m in methods}
     flags = {m: {la.name: tuple(d["flags"].get(m, {}).get(la.name, ())) for la in chosen} for m in methods}
-    display = np.stack([np.asarray(Image.open(where / n).convert("RGB")) for n in _input_pngs(x.shape[0])])
+    if (where / DISPLAY_FILE).is_file():  # a volume: the picture on the model's grid
+        with np.load(where / DISPLAY_FILE, allow_pickle=False) as z:
+            display = z["display"]
+    else:
+        display = np.stack(
+            [np.asarray(Image.open(where / n).convert("RGB")) for n in _input_pngs(x.shape[0])]
+        )
     targets = tuple(int(t["class"]) for t in d["targets"])
     return Explanation(
         model_name=d["model"]["name"],
