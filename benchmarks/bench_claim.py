@@ -75,6 +75,12 @@ def export_natural_images(folder: Path) -> list[str]:
     return written
 
 
+def _ordinal(n: int) -> str:
+    """``2`` -> ``"2nd"``, ``3`` -> ``"3rd"``, ``11`` -> ``"11th"``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def strided_layers(model: str, stride: int, input_size: int = 224) -> list[str] | str:
     """Every ``stride``-th spatial layer of ``model`` counted back from the final one (which is always kept),
     in forward order; ``"all"`` for stride 1."""
@@ -165,7 +171,7 @@ def summarise(out: Path, stride: int) -> str:
         + ", ".join(Path(i).stem for i in images)
         + "; grey ones given as RGB), each explained for its top-1 class, ROAD at p = "
         f"{cfg.get('settings', {}).get('percentages')} % with the default imputer, "
-        f"{'every' if stride <= 1 else f'every {stride}th'} spatial layer counted back from the final one "
+        f"{'every' if stride <= 1 else f'every {_ordinal(stride)}'} spatial layer counted back from the final one "
         f"({claim[0].layers if claim else '?'} of 140; the final layer always included). "
         f"Score-CAM (in Table 2) is left out: one forward per channel at every layer. {platform.machine()}, "
         f"torch {torch.__version__}, 1 thread per unit.",
