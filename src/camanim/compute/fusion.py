@@ -3,7 +3,7 @@
 Eqs 1-6 of the paper, for the top-K classes ``n_1..n_K`` by predicted probability (Eq 1) at one layer:
 
 * Eqs 2-3: each class's map ``R_k`` from the base method (Grad-CAM in the paper; any registered
-  class-discriminative one-pass method here). The paper's ``1/C`` in Eq 3 is a common positive factor of
+  class-discriminative method here). The paper's ``1/C`` in Eq 3 is a common positive factor of
   every ``R_k``; Eq 6 divides it out, so it is omitted.
 * Eq 4 (filtering): at each position only the class whose map is largest keeps its value; the others are
   set to 0. On an exact tie the most probable class keeps it (the reference implementation's ``argmax``;
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camanim.compute.methods import method_class
+from camanim.compute.methods import list_methods, method_class
 from camanim.errors import CamanimError, UnknownNameError
 
 ACTIVATIONS = {"relu": F.relu, "elu": F.elu, "gelu": F.gelu}
@@ -65,15 +65,20 @@ class FusionError(CamanimError, ValueError):
 
 
 def check_base(base: str) -> str:
-    """The registry name of ``base`` when it can serve FM-G-CAM (a class-discriminative one-pass method).
+    """The registry name of ``base`` when it can serve FM-G-CAM: a class-discriminative method (one-pass
+    methods share the K-class capture; the others run their own passes over the K classes at once).
 
     Raises:
         MethodNotFoundError: an unknown method.
-        FusionError: a method that is not class-discriminative or needs extra forwards.
+        FusionError: a method that is not class-discriminative (its K class maps would be one map).
     """
     cls = method_class(base)
-    if cls.cost != "one_pass" or not cls.class_discriminative:
-        raise FusionError(f"FM-G-CAM needs a class-discriminative one-pass base method, not {cls.name!r}")
+    if not cls.class_discriminative:
+        accepted = ", ".join(n for n in list_methods() if method_class(n).class_discriminative)
+        raise FusionError(
+            f"FM-G-CAM needs a class-discriminative base method; {cls.name!r} gives the same map for every "
+            f"class. Accepted: {accepted}"
+        )
     return cls.name
 
 

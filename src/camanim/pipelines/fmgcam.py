@@ -64,7 +64,7 @@ class FMGCAMResult:
 
         Args:
             explanation: from ``explain(..., top_k=K)``: one image, one class per batch row.
-            base: a class-discriminative one-pass method among the explanation's methods.
+            base: a class-discriminative method among the explanation's methods.
             activation, norm: see :func:`fuse`.
             multilabel: whether ``scores`` are sigmoid scores (the legend then says so).
             scores: ``(num_classes,)`` score of every class; default the explanation's softmax, or with
@@ -119,7 +119,7 @@ def fmgcam(
         model: a :class:`~camanim.models.LoadedModel`, an ``nn.Module`` or a model name.
         image: one image source or a preprocessed ``(3, H, W)`` / ``(1, 3, H, W)`` tensor.
         k: number of classes, ``>= 1``.
-        base: a registered class-discriminative one-pass method (``gradcam``, ``hirescam``, ``gradcam++``...).
+        base: a registered class-discriminative method (``gradcam``, ``hirescam``, ``gradcam++``...).
         activation: ``"relu"``, ``"elu"`` or ``"gelu"`` (Eq 6).
         layers: a layer selection (see :func:`camanim.layers.select_layers`); the paper uses the last.
         multilabel: rank classes by sigmoid score and differentiate the sigmoid (multi-label heads).
