@@ -86,7 +86,10 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
     model = dig(m, "model", "name", default="model")
     image = dig(m, "image", "source", default="")
     image_label = Path(str(image).split("?")[0]).stem or str(image) or "image"
+    volume = (data or {}).get("volume")
     js, css = _asset("report.js"), _asset("report.css")
+    if volume:  # the slice viewer first: report.js hands it the drawing (see camanim.outputs.report.volume)
+        js = _asset("volume.js") + "\n" + js
     if "</script" in js.lower() or "</style" in css.lower():  # pragma: no cover - a packaging mistake
         raise RuntimeError("report assets must not contain a closing script or style tag")
     csp = (
@@ -103,6 +106,15 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
             "in its colour over it."
         )
         target = None  # the K classes are the legend's
+    elif data and volume:
+        what = "frames of the clip" if volume["video"] else "slices"
+        caption = (
+            f"{len(data['frames'])} layers in forward order, {len(data['methods'])} method"
+            f"{'s' if len(data['methods']) > 1 else ''}; each frame is the layer's map after ReLU, upsampled "
+            f"trilinearly to the model's {'x'.join(str(g) for g in volume['grid'])} grid, scaled by a range over "
+            f"the whole volume (the video's) and coloured over the {what} ({stats['colormap']}). Choose the "
+            "plane and the slice under the picture; Page Up/Down step through the slices."
+        )
     elif data:
         caption = (
             f"{len(data['frames'])} layers in forward order, {len(data['methods'])} method"
@@ -141,6 +153,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
             if isinstance(r, Mapping) and finite(r.get("probability")) is not None
         ],
         viewer=data is not None,
+        volume=volume,
         viewer_caption=caption,
         no_viewer_reason=why,
         fusion=fusion,

@@ -8,7 +8,8 @@
   const dataBlock = $("report-data");
   if (!dataBlock || !$("view")) return;
   const data = JSON.parse(dataBlock.textContent);
-  const sprites = JSON.parse($("report-frames").textContent);
+  const framesBlock = $("report-frames");
+  const sprites = framesBlock && framesBlock.textContent.trim() ? JSON.parse(framesBlock.textContent) : {};
   const n = data.frames.length;
   const [tileH, tileW] = data.tile;
   const state = { frame: data.start, method: data.methods[0], norm: data.norms[0], timer: null };
@@ -35,7 +36,14 @@
     return img;
   }
 
+  // a volume's slices are drawn by volume.js (window.CamanimVolume), from the maps themselves
+  const volume = data.volume && window.CamanimVolume ? window.CamanimVolume(data, canvas, () => state) : null;
+
   function draw() {
+    if (volume) {
+      volume.draw();
+      return;
+    }
     const f = state.frame;
     const img = sheet(state.method, state.norm, Math.floor(f / data.perSheet));
     if (!img.complete || img.naturalWidth === 0) return; // drawn by the load listener

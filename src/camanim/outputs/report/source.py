@@ -22,6 +22,7 @@ import numpy as np
 
 from camanim.outputs.bundle import _jsonable, read_manifest, versions
 from camanim.outputs.render import draw_task_marks
+from camanim.outputs.volume_frames import View, geometry_of, view_image
 from camanim.pipelines.explain import describe
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Source:
         figures: per role (``strip``, ``fmgcam``, ``compare``, ``ybroad``, ``params``) the image file's bytes.
         road_rows: ROAD per ``(method, layer name)`` read from ``ybroad.csv`` when the manifest lacks it.
         origin: where the content came from (a folder, or "memory").
+        volume: for a volume or clip input, the reported sample's picture on the model's grid
+            ``(D, H, W, 3)`` uint8 (``display`` is then its slices); None for a 2-D input.
     """
 
     manifest: dict
@@ -61,6 +64,7 @@ class Source:
     figures: dict[str, bytes] = field(default_factory=dict)
     road_rows: dict[tuple[str, str], float] = field(default_factory=dict)
     origin: str = "memory"
+    volume: np.ndarray | None = None
 
 
 def dig(d: Any, *keys: str, default: Any = None) -> Any:
@@ -135,6 +139,12 @@ def from_bundle(folder: str | Path) -> Source:
         z = cache["z"]
         return z[key] if key in z.files else None
 
+    volume = None
+    p = _inside(root, dig(manifest, "display", "file"))
+    if p is not None:
+        with np.load(p, allow_pickle=False) as z:
+            if "display" in z.files and z["display"].ndim == 5:
+                volume = z["display"][min(sample, z["display"].shape[0] - 1)]
     display = None
     pngs = ["input.png"] if sample == 0 else []
     pngs.append(f"input_s{sample}.png")
@@ -146,7 +156,9 @@ def from_bundle(folder: str | Path) -> Source:
             with Image.open(p) as img:
                 display = np.asarray(img.convert("RGB"))
             break
-    if display is None:
+    if display is None and volume is not None:
+        display = _volume_picture(volume, manifest)
+    if display is None and len(dig(manifest, "input", "shape", default=[])) == 4:
         p = _inside(root, dig(manifest, "input", "file", default="input.npy"))
         if p is not None:
             x = np.load(p, allow_pickle=False)
@@ -170,7 +182,14 @@ def from_bundle(folder: str | Path) -> Source:
     table = _inside(root, dig(manifest, "road", "files", "table"))
     if table is not None and not dig(manifest, "road", "results"):
         road_rows = _read_road_csv(table)
-    return Source(manifest, maps, display, figures, road_rows, origin=str(root))
+    return Source(manifest, maps, display, figures, road_rows, origin=str(root), volume=volume)
+
+
+def _volume_picture(volume: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+    """The picture of a volume ``(D, H, W, 3)``: its slices through the centre (a clip: its frames)."""
+    geo = geometry_of(manifest.get("image") or {}, volume.shape[:3])
+    view = View("frames" if geo.video else "slices")
+    return view_image(np.zeros(volume.shape[:3], np.float32), volume, geo, view, None, alpha=0.0)
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
@@ -217,6 +236,8 @@ def marked(
 
 
 def _ex_display(ex: Any, sample: int) -> np.ndarray:
+    if ex.input.dim() == 5:
+        return _volume_picture(np.asarray(ex.display[sample]), {"image": ex.image_info})
     region = None if getattr(ex, "regions", None) is None else ex.regions[sample].numpy()
     return marked(
         np.asarray(ex.display[sample]),
@@ -232,13 +253,28 @@ def from_animation(anim: Any, *, strip: bool = True) -> Source:
     ex = anim.explanation
     sections = describe(ex) | {"animation": anim.describe()}
     figures = {"strip": _png_bytes(anim.strip().image)} if strip else {}
-    return Source(_memory_manifest(sections), _tensor_reader(ex.maps), _ex_display(ex, anim.sample), figures)
+    return Source(
+        _memory_manifest(sections),
+        _tensor_reader(ex.maps),
+        _ex_display(ex, anim.sample),
+        figures,
+        volume=_ex_volume(ex, anim.sample),
+    )
+
+
+def _ex_volume(ex: Any, sample: int) -> np.ndarray | None:
+    return np.asarray(ex.display[sample]) if ex.input.dim() == 5 else None
 
 
 def from_explanation(ex: Any, sample: int = 0) -> Source:
     """An in-memory :class:`~camanim.explanation.Explanation` as a report source."""
 
-    return Source(_memory_manifest(describe(ex)), _tensor_reader(ex.maps), _ex_display(ex, sample))
+    return Source(
+        _memory_manifest(describe(ex)),
+        _tensor_reader(ex.maps),
+        _ex_display(ex, sample),
+        volume=_ex_volume(ex, sample),
+    )
 
 
 def finite(v: Any) -> float | None:

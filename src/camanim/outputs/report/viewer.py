@@ -16,10 +16,12 @@ import numpy as np
 
 import camanim.outputs.report.fused as F
 import camanim.outputs.report.tiles as T
+import camanim.outputs.report.volume as V
 from camanim.compute.methods import method_class
 from camanim.compute.normalize import Range
 from camanim.outputs.render import colormap_lut
 from camanim.outputs.report.source import Source, dig, finite, sample_of
+from camanim.outputs.report.volume import is_volume_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +232,7 @@ def viewer(
     if not frames:
         return None, None, "This bundle has no layer maps to show.", {}
     sample = sample_of(manifest)
+    volume = is_volume_manifest(manifest) and fusion is None
     raw: dict[str, list[Any]] = {}  # per method, a map per frame: (h, w) arrays, FM-G-CAM (K, h, w) tensors
     if fusion is not None:
         fused = F.fused_maps(src, fusion, frames)
@@ -239,6 +242,9 @@ def viewer(
         arrays = [src.maps(f"{m}/{name}") for name in frames]
         if any(a is None for a in arrays):
             logger.info("no maps of %s for every frame in the bundle: not in the viewer", m)
+            continue
+        if volume:  # (B, d, h, w), or (B, h, w) for a 2-D layer of a volume model
+            raw[m] = [a[min(sample, a.shape[0] - 1)] for a in arrays]
             continue
         raw[m] = [a[min(sample, a.shape[0] - 1)] if a.ndim == 3 else a for a in arrays]
     if not raw:
@@ -255,11 +261,13 @@ def viewer(
 
     t = time.perf_counter()
     measure = None if fusion is None else (lambda m: F.local_ranges(raw[m], in_hw, T.PER_SHEET))
+    if volume:
+        measure = lambda m: V.local_ranges(raw[m], V.grid_of(manifest), relu(m))  # noqa: E731
     ranges = _ranges(manifest, methods, norms, raw, in_hw, measure)
     display = resize_display(src.display, tile)
     sheets: dict[str, dict[str, list[str]]] = {m: {nm: [] for nm in norms} for m in methods}
     size = 0
-    for m in methods:
+    for m in [] if volume else methods:
         if fusion is not None:
             chunks = F.fmgcam_tiles(
                 raw[m], ranges[m], in_hw=in_hw, tile=tile, display=display, colors=fusion.colors,
@@ -296,6 +304,11 @@ def viewer(
         "lut": ["#{:02x}{:02x}{:02x}".format(*lut[i]) for i in np.linspace(0, len(lut) - 1, 64).astype(int)],
         **_road(src, methods, frames),
     }
+    if volume:
+        data["volume"] = V.volume_block(src, raw, {m: relu(m) for m in methods}, lut, alpha)
+        size = sum(len(b["data"]) for per in data["volume"]["maps"].values() for b in per)
+        size += len(data["volume"]["display"])
+        sheets = {}
     if fusion is not None:
         cmap = "one hue per class (FM-G-CAM)"
         data["fusion"] = {
