@@ -38,6 +38,7 @@ from camanim.cli.options import (
     add_model_options,
     add_output_options,
     add_target_options,
+    add_volume_options,
     input_size,
     int_at_least,
     int_between,
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scorecam: run its forwards through torch.compile (pays off only once Inductor's cache is warm)",
     )
     add_method_options(p)
+    add_volume_options(p)
     add_output_options(p)
     add_task_options(p)
     p.set_defaults(func=cmd_explain)
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--keep-nonspatial", action="store_true", help="ask for 1x1 layers too (skipped by default)"
     )
+    add_volume_options(p)
     add_output_options(p)
     p.add_argument(
         "--resume",

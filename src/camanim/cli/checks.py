@@ -12,6 +12,7 @@ from camanim.compute.fusion import check_base
 from camanim.compute.images import load_image
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
+from camanim.compute.volumes import is_volume_source, load_volume
 from camanim.errors import OptionError
 from camanim.outputs.animation import parse_formats
 from camanim.outputs.bundle import check_output, read_manifest
@@ -76,7 +77,24 @@ def check(args: argparse.Namespace) -> None:
         )
     if hasattr(args, "image"):
         args.image_name = str(args.image)
-        args.image = load_image(args.image)
+        args.image = _load_input(args)
+
+
+def _load_input(args: argparse.Namespace):
+    """The image, or the volume or clip (NIfTI, DICOM folder, .npy, video) with its window, read now.
+
+    Raises:
+        OptionError: ``--window``, ``--view`` or ``--slice-at`` given for a 2-D picture.
+    """
+    if is_volume_source(args.image):
+        return load_volume(args.image, window=getattr(args, "window", None))
+    given = [f"--{k.replace('_', '-')}" for k in ("window", "view", "slice_at") if getattr(args, k, None)]
+    if given:
+        raise OptionError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to volumes and videos (NIfTI, a DICOM folder, .npy, a video file); "
+            f"{args.image_name!r} is a picture"
+        )
+    return load_image(args.image)
 
 
 BUNDLE_COMMANDS = ("run", "explain", "animate", "fmgcam", "compare", "road")

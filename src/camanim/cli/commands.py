@@ -21,14 +21,17 @@ from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
 from camanim.compute.models import load_model, parse_input_size
+from camanim.compute.volumes import LoadedVolume
 from camanim.errors import CamanimError, OptionError
 from camanim.outputs.animation import animate
 from camanim.outputs.bundle import REPORT, open_bundle
 from camanim.outputs.compare import check_road_source
 from camanim.outputs.explanation import save_explanation, write_explanation
+from camanim.outputs.render import FrameStyle
 from camanim.outputs.report import write_report
 from camanim.outputs.study.figures import write_study_report
 from camanim.outputs.study.store import is_study_dir
+from camanim.outputs.volume_frames import parse_point
 from camanim.outputs.ybroad import save_ybroad, write_ybroad
 from camanim.pipelines.compare import compare
 from camanim.pipelines.explain import explain
@@ -102,6 +105,26 @@ def _report_into(bundle) -> None:
     bundle.file(REPORT, "interactive report (camanim report)")
 
 
+def _volume_style(args: argparse.Namespace) -> FrameStyle | None:
+    """The frame look carrying ``--view`` and ``--slice-at`` (None when neither is given)."""
+    view, point = getattr(args, "view", None), parse_point(getattr(args, "slice_at", None))
+    return None if view is None and point is None else FrameStyle(view=view, slice_at=point)
+
+
+def _record_volume(ex, image) -> None:
+    """Complete the manifest's ``image`` section of a volume run: its window, spacing, shape, orientation."""
+    if not isinstance(image, LoadedVolume):
+        return
+    described = image.describe()
+    for key, value in described.items():
+        ex.image_info.setdefault(key, value)
+    vol = ex.image_info.setdefault("volume", {})
+    vol.setdefault("spacing", described["spacing"])
+    vol.setdefault("shape", described["original_shape"])
+    for key in ("window", "window_name", "orientation", "kind", "format"):
+        vol.setdefault(key, described.get(key, image.info.get(key)))
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     lm, target = _task(args, _load(args))
     ex = explain(
@@ -120,8 +143,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         **method_kwargs(args),
     )
     _warn_blank(ex)
+    _record_volume(ex, args.image)
     path = save_explanation(
-        ex, args.out, force=args.force, overlays=args.overlays, command=" ".join(sys.argv)
+        ex,
+        args.out,
+        force=args.force,
+        overlays=args.overlays,
+        command=" ".join(sys.argv),
+        view=getattr(args, "view", None),
+        slice_at=getattr(args, "slice_at", None),
     )
     logger.info(
         "explained %d layers x %d methods in %.2f s", len(ex.chosen), len(ex.methods), ex.timings["total"]
@@ -150,9 +180,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
         fps=getattr(args, "fps", None),
         input_size=args.input_size,
         reuse=out if resume else None,
+        style=_volume_style(args),
         **fmgcam,
     )
     _warn_blank(anim.explanation)
+    _record_volume(anim.explanation, args.image)
     road_result = None
     if getattr(args, "road", False):
         anim, road_result = _with_road(anim, lm, args)
@@ -381,8 +413,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
     size = parse_input_size(args.input_size)
     if size == "native":
         raise OptionError("camanim layers lists the layers for an input size: give N or HxW, not native")
-    h, w = size or lm.preprocessing.size
-    layers = list_layers(lm.model, torch.zeros(1, 3, h, w, device=lm.device))
+    prep = lm.preprocessing
+    shape = prep.input_shape(size) if hasattr(prep, "input_shape") else (1, 3, *(size or prep.size))
+    layers = list_layers(lm.model, torch.zeros(*shape, device=lm.device))
     if args.json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=1))
         return 0

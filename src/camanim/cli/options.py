@@ -14,7 +14,9 @@ from camanim.compute.methods import list_methods, method_class
 from camanim.compute.methods.base import pass_summary
 from camanim.compute.metrics.road import RoadError, check_percentages
 from camanim.compute.models import parse_input_size
-from camanim.errors import OptionError
+from camanim.compute.volumes import WINDOW_PRESETS, parse_window
+from camanim.errors import CamanimError, OptionError
+from camanim.outputs.volume_frames import parse_point, parse_view
 
 
 class Parser(argparse.ArgumentParser):
@@ -222,3 +224,48 @@ def method_kwargs(args: argparse.Namespace) -> dict:
         "eigen_smooth": getattr(args, "eigen_smooth", False),
         "options": options,
     }
+
+
+def _checked(parse: Callable[[str], object], name: str) -> Callable[[str], str]:
+    """A converter that runs ``parse`` on the text (its error becomes argparse's) and keeps the text."""
+
+    def convert(text: str) -> str:
+        try:
+            parse(text)
+        except CamanimError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    convert.__name__ = name
+    return convert
+
+
+def add_volume_options(p: argparse.ArgumentParser) -> None:
+    """``--window``, ``--view`` and ``--slice-at``: how a volume (NIfTI, DICOM, .npy) or a clip is fed and drawn."""
+    g = p.add_argument_group(
+        "volumes and videos (--image scan.nii.gz, a DICOM folder, a .npy array or a video)"
+    )
+    g.add_argument(
+        "--window",
+        type=_checked(parse_window, "window"),
+        default=None,
+        metavar="CENTER,WIDTH|PRESET",
+        help="CT intensity window: values clipped to [center - width/2, center + width/2] and scaled to [0, 1] "
+        "(default: the volume's min-max); presets: " + ", ".join(WINDOW_PRESETS),
+    )
+    g.add_argument(
+        "--view",
+        type=_checked(parse_view, "view"),
+        default=None,
+        metavar="VIEW",
+        help="what a frame shows of a volume map: slices (axial, coronal and sagittal through one point; the "
+        "default), mip (maximum-intensity projections), axial:N, coronal:N, sagittal:N (one slice), frames "
+        "(a clip's frames side by side; the default for videos)",
+    )
+    g.add_argument(
+        "--slice-at",
+        type=_checked(parse_point, "slice point"),
+        default=None,
+        metavar="Z,Y,X",
+        help="the point on the model's grid the slices go through (default: the maximum of the final layer's map)",
+    )
