@@ -480,7 +480,7 @@ def _resample(x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
 def volume_tensor(
     vol: LoadedVolume,
     size: tuple[int, int, int] | None,
-    channels: int,
+    channels: int | None = None,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -489,7 +489,7 @@ def volume_tensor(
 
     The intensities are scaled to ``[0, 1]`` (the window, a video's 0..255, or min-max: see the module
     docstring), the channels matched to ``channels`` (a single channel repeated, or several averaged into
-    one), the grid resampled trilinearly to ``size`` ``(D, H, W)`` (None keeps the volume's), and with
+    one; None keeps the volume's), the grid resampled trilinearly to ``size`` ``(D, H, W)`` (None keeps the volume's), and with
     ``mean``/``std`` (a video model's normalisation, one value per channel) standardised.
 
     Raises:
@@ -498,6 +498,7 @@ def volume_tensor(
     unit = _unit(vol)
     x = torch.from_numpy(unit if unit.ndim == 4 else unit[None])
     have = x.shape[0]
+    channels = have if channels is None else int(channels)
     if have != channels:
         if have == 1:
             x = x.expand(channels, *x.shape[1:])
