@@ -226,7 +226,7 @@ def test_cli_segmentation_and_bad_combinations(tmp_path, monkeypatch, trained_fc
         ["explain", "--task", "detection", "--box", "5,5,2,2"],
         ["explain", "--task", "embedding"],
         ["explain", "--task", "segmentation", "--top-k", "2"],
-        ["animate", "--task", "regression", "--road"],
+        ["animate", "--task", "regression", "--layers", "best", "--by", "average_drop"],
         ["explain", "--task", "segmentation", "--region", "no-such-mask.png"],
     ]
     for argv in bad:

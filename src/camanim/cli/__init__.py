@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar, only errors"
     )
+    add_task_options(p)
     p.set_defaults(func=cmd_road)
 
     p = sub.add_parser(

@@ -16,7 +16,7 @@ import torch
 from camanim.cli.checks import is_best
 from camanim.cli.layerwise import best_layer_by
 from camanim.cli.options import method_kwargs
-from camanim.cli.tasks import task_target
+from camanim.cli.tasks import check_scored, task_target
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -50,10 +50,11 @@ def _load(args: argparse.Namespace):
 
 def _task(args: argparse.Namespace, lm):
     """The model and the target of a command: ``--target`` itself for a classifier, else the task's target
-    (:func:`camanim.cli.tasks.task_target`); ``--road`` and ``--layers best`` score classes only."""
+    (:func:`camanim.cli.tasks.task_target`); ``--road`` and ``--layers best`` score it (ROAD of the target's
+    own score), ``--by`` a metric defined for it."""
     kind = getattr(args, "task_kind", "classification")
-    if kind != "classification" and (getattr(args, "road", False) or is_best(args)):
-        raise OptionError(f"--road and --layers best score a class with ROAD; not the task {kind!r}")
+    if is_best(args):
+        check_scored(kind, getattr(args, "by", None))
     lm, target = task_target(args, lm, kind)
     return lm, args.target if target is None else target
 
@@ -131,7 +132,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         lm,
         args.image,
         methods=args.methods,
-        layers=_layers_or_best(args, lm),
+        layers=_layers_or_best(args, lm, target),
         target=target,
         top_k=args.top_k,
         score=args.score,
@@ -170,7 +171,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         args.image,
         methods=getattr(args, "methods", "gradcam"),
         target=target,
-        layers=_layers_or_best(args, lm),
+        layers=_layers_or_best(args, lm, target),
         norm=getattr(args, "norm", "local,global"),
         layout=getattr(args, "layout", "side-by-side"),
         cmap=getattr(args, "cmap", "jet"),
@@ -187,7 +188,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     _record_volume(anim.explanation, args.image)
     road_result = None
     if getattr(args, "road", False):
-        anim, road_result = _with_road(anim, lm, args)
+        anim, road_result = _with_road(anim, lm, args, target)
     path = anim.save(
         out,
         formats=getattr(args, "formats", "mp4"),
@@ -239,7 +240,10 @@ def _print_fused(res, path: Path) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     lm, target = _task(args, _load(args))
     if args.road is not None and getattr(args, "task_kind", "classification") != "classification":
-        raise OptionError("--road shows ROAD values of a class; not of the task " + repr(args.task_kind))
+        raise OptionError(
+            f"compare --road checks that the ROAD results were computed for this class; it cannot check a "
+            f"{args.task_kind} target: show them with camanim road --task {args.task_kind} instead"
+        )
     if args.road is not None:
         target = check_road_source(args.road, lm, args.image, target, input_size=args.input_size)
     cmp = compare(
@@ -295,7 +299,7 @@ def _road_progress(enabled: bool):
 
 def cmd_road(args: argparse.Namespace) -> int:
 
-    lm = _load(args)
+    lm, target = _task(args, _load(args))
     with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
         res, path = save_ybroad(
             lm,
@@ -307,7 +311,7 @@ def cmd_road(args: argparse.Namespace) -> int:
             smooth=args.smooth,
             methods=args.methods,
             layers=_layer_spec(args.layers),
-            target=args.target,
+            target=target,
             score=args.score,
             percentages=args.percentages,
             seed=args.seed,
@@ -318,7 +322,10 @@ def cmd_road(args: argparse.Namespace) -> int:
             input_size=args.input_size,
         )
     _warn_blank(res.explanation)
-    print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
+    if res.target is None:
+        print(f"{res.task['kind']}: {res.target_name}, score = {res.clean_probability:.4g}")
+    else:
+        print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
     print(
         f"{'method':<18} {'layers':>6} {'mean ROAD':>10} {'final':>9} {'max':>9} {'max-final':>10}  best layer"
     )
@@ -342,9 +349,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layers_or_best(args: argparse.Namespace, lm):
+def _layers_or_best(args: argparse.Namespace, lm, target=None):
     """The ``--layers`` selection; ``best`` runs ybROAD for the first method and picks its max layer (or,
-    with ``--by METRIC``, the best layer by that faithfulness metric)."""
+    with ``--by METRIC``, the best layer by that faithfulness metric), scoring ``target`` (the class given,
+    or a task's target)."""
     text = str(getattr(args, "layers", "all"))
     if not is_best(args):
         return _layer_spec(text)
@@ -352,13 +360,13 @@ def _layers_or_best(args: argparse.Namespace, lm):
     method = parse_methods(getattr(args, "methods", "gradcam"))[0]
     if getattr(args, "by", None) not in (None, "road"):  # another faithfulness metric picks the layer
         with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
-            return best_layer_by(args, lm, method, progress)
+            return best_layer_by(args, lm, method, progress, target)
     with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
         res = ybroad(
             lm,
             args.image,
             methods=method,
-            target=args.target,
+            target=target,
             score=getattr(args, "score", "logit"),
             keep_nonspatial=getattr(args, "keep_nonspatial", False),
             progress=progress,
@@ -377,11 +385,12 @@ def _layers_or_best(args: argparse.Namespace, lm):
     return r.best_layer.name
 
 
-def _with_road(anim, lm, args: argparse.Namespace):
-    """``anim`` with every frame's ROAD (ybROAD of each method, from the animation's own maps)."""
+def _with_road(anim, lm, args: argparse.Namespace, target=None):
+    """``anim`` with every frame's ROAD (ybROAD of each method, from the animation's own maps; a task's
+    ``target`` scores them)."""
 
     with _road_progress(not args.quiet and sys.stderr.isatty()) as progress:
-        res = ybroad(lm, explanation=anim.explanation, methods=anim.methods, progress=progress)
+        res = ybroad(lm, explanation=anim.explanation, methods=anim.methods, target=target, progress=progress)
     for m, r in res.results.items():
         logger.info(
             "ybROAD %s: mean %.4f, max %.4f at %s, final %.4f", m, r.mean, r.max, r.best_layer.name, r.final

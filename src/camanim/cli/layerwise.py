@@ -20,6 +20,7 @@ from camanim.cli.options import (
     non_empty,
     percentages,
 )
+from camanim.cli.tasks import add_task_options, check_scored, resolve_task, task_target
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.deletion import BASELINES, STEPS
 from camanim.compute.metrics.faithfulness import METRICS, parse_metrics
@@ -136,6 +137,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--space", default="pixel", choices=["pixel", "model"], help="ROAD's imputation space")
     add_output_options(p)
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+    add_task_options(p)
     p.set_defaults(func=cmd_faithfulness)
 
     p = sub.add_parser(
@@ -230,19 +232,25 @@ def _layer_spec(text: str):
 
 
 def cmd_faithfulness(args: argparse.Namespace) -> int:
+    kind = resolve_task(args)
+    check_scored(kind, args.metrics)
     _prepare(args)
-    lm = _load(args)
+    lm, target = task_target(args, _load(args), kind)
+    target = args.target if target is None else target
     with _progress("faithfulness", not args.quiet and sys.stderr.isatty()) as progress:
         res = faithfulness(
             lm, args.image, methods=args.methods, layers=_layer_spec(args.layers), metrics=args.metrics,
-            target=args.target, percentages=args.percentages, steps=args.steps, baseline=args.baseline,
+            target=target, percentages=args.percentages, steps=args.steps, baseline=args.baseline,
             seed=args.seed, imputer=get_imputer(args.imputer), imputation_space=args.space,
             batch_size=args.batch_size, score=args.score, input_size=args.input_size, progress=progress,
         )  # fmt: skip
     path = save_faithfulness(
         res, args.out, force=args.force, command=" ".join(sys.argv), finalize=_report_into
     )
-    print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
+    if res.target is None:
+        print(f"{res.task['kind']}: {res.target_name}, score = {res.clean_probability:.4g}")
+    else:
+        print(f"target: {res.target} ({res.target_name}), p = {res.clean_probability:.4f}")
     print(f"{'method':<14} {'metric':<24} {'best':>9} {'final':>9} {'gain':>8}  best layer")
     for m, per in res.series.items():
         for name, s in per.items():
@@ -285,10 +293,13 @@ def cmd_sanity(args: argparse.Namespace) -> int:
     return 0
 
 
-def best_layer_by(args: argparse.Namespace, lm: Any, method: str, progress: Any = None) -> str:
-    """``--layers best --by METRIC``: the best layer of ``method`` by that metric (every layer scored)."""
+def best_layer_by(
+    args: argparse.Namespace, lm: Any, method: str, progress: Any = None, target: Any = None
+) -> str:
+    """``--layers best --by METRIC``: the best layer of ``method`` by that metric (every layer scored), for
+    ``target`` (default ``--target``; a task's target)."""
     res = faithfulness(
-        lm, args.image, methods=method, metrics=args.by, target=args.target, score=getattr(args, "score", "logit"),
+        lm, args.image, methods=method, metrics=args.by, target=args.target if target is None else target, score=getattr(args, "score", "logit"),
         keep_nonspatial=getattr(args, "keep_nonspatial", False), input_size=args.input_size, progress=progress,
     )  # fmt: skip
     s = res[method][args.by]

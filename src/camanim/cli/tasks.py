@@ -12,6 +12,7 @@ from PIL import Image
 
 from camanim.compute.capture import frozen_eval
 from camanim.compute.images import load_image
+from camanim.compute.metrics.faithfulness import PROBABILITY_ONLY
 from camanim.compute.models import LoadedModel, torchvision_task
 from camanim.compute.targets import resolve_class
 from camanim.compute.tasks import (
@@ -100,6 +101,21 @@ def resolve_task(args: argparse.Namespace) -> str:
     if task in ("detection", "segmentation", "embedding", "regression") and getattr(args, "top_k", None):
         raise OptionError(f"--top-k ranks a classifier's classes; it does not apply to the task {task!r}")
     return task
+
+
+def check_scored(task: str, metrics: str | None) -> None:
+    """Refuse, before any model loads, faithfulness metrics not defined for ``task``'s score: Average Drop
+    and Average Gain divide by a probability (``Y``, ``1 - Y``), which only a classifier's softmax is;
+    ``all`` leaves them out for the other tasks. ROAD and the other metrics score any target."""
+    if task == "classification" or not metrics:
+        return
+    asked = [m.strip().lower().replace("-", "_") for m in str(metrics).split(",")]
+    bad = [m for m in asked if m in PROBABILITY_ONLY]
+    if bad:
+        raise OptionError(
+            f"{', '.join(bad)} divide by the target's probability (Y, 1 - Y), which a {task} score is not; "
+            "use road, morf, lerf, deletion, insertion or the other confidence metrics"
+        )
 
 
 def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[LoadedModel, Any]:

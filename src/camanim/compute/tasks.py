@@ -15,10 +15,16 @@ Each also has ``kind`` (``"segmentation"``, ``"detection"``...), a ``label`` for
 for the manifest (enough to reproduce it), and what frames draw over the image: :meth:`TaskTarget.region`
 (a mask ``(B, H, W)``) and :meth:`TaskTarget.boxes` (per sample, ``(x1, y1, x2, y2, label)`` in input
 pixels). A user's own callable works too: it sees the output after the model's output selector.
+
+The perturbation metrics (ROAD, deletion, the confidence metrics: :mod:`camanim.compute.metrics`) score a
+target on many perturbed copies of one image at once; :meth:`TaskTarget.fixed` gives the target as decided
+on the original (its region, its chosen detections) for batches of any size. A user's callable is used as
+it is there and must give one score per image of whatever batch it sees.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -72,6 +78,16 @@ class TaskTarget:
         """Per sample, the boxes the score is taken over, ``(x1, y1, x2, y2, label)`` in input pixels."""
         return None
 
+    def fixed(self, sample: int = 0) -> TaskTarget:
+        """The target as decided for sample ``sample`` at its first forward, scoring every image of any
+        batch as a copy of that sample (for the perturbation metrics' batches of perturbed copies). A target
+        with nothing to decide is itself.
+
+        Raises:
+            TargetError: the target has not seen the original image yet (nothing is decided).
+        """
+        return self
+
     def __call__(self, output: Any) -> Tensor:
         raise NotImplementedError
 
@@ -117,6 +133,17 @@ class SegmentationTarget(TaskTarget):
     def region(self) -> Tensor | None:
         return self._mask
 
+    def fixed(self, sample: int = 0) -> SegmentationTarget:
+        """The region of sample ``sample`` ``(1, H, W)``, the same for every image scored (not re-predicted:
+        a perturbed image is scored over the region decided on the original)."""
+        if self._mask is None:
+            raise TargetError(
+                "the segmentation region is decided at the first forward: score the original first"
+            )
+        twin = copy.copy(self)
+        twin._mask = self._mask[sample : sample + 1]
+        return twin
+
     def __call__(self, output: Any) -> Tensor:
         maps = _tensor(output, 4, "segmentation maps (B, K, H, W)")
         if not 0 <= self.category < maps.shape[1]:
@@ -126,7 +153,9 @@ class SegmentationTarget(TaskTarget):
         if self._mask is None:
             self._mask = self._make_mask(maps)
             if not bool(self._mask.any()):
-                logger.warning("the region of class %d is empty: its score is 0 (give a region)", self.category)
+                logger.warning(
+                    "the region of class %d is empty: its score is 0 (give a region)", self.category
+                )
         values = maps.softmax(dim=1) if self.score == "probability" else maps
         return (values[:, self.category] * self._mask.to(values.dtype)).sum(dim=(1, 2))
 
@@ -185,6 +214,7 @@ class BoxScoreTarget(TaskTarget):
         self.iou_threshold, self.top_n = float(iou_threshold), int(top_n)
         self.names = names
         self.chosen: list[list[tuple[tuple[float, ...], int]]] | None = None
+        self._every: list[tuple[tuple[float, ...], int]] | None = None  # fixed(): one choice for all images
 
     @property
     def label(self) -> str:
@@ -215,11 +245,23 @@ class BoxScoreTarget(TaskTarget):
                 "a detection target needs the detector's list of dicts (boxes, labels, scores), one per image; "
                 f"the model returned {type(output).__name__}"
             )
+        if self._every is not None:
+            return torch.stack([self._score(o, self._every) for o in output])
         if self.chosen is None:
             self.chosen = [self._choose(o) for o in output]
             if not any(self.chosen):
                 logger.warning("no detection to explain (none above the detector's score threshold)")
         return torch.stack([self._score(o, chosen) for o, chosen in zip(output, self.chosen, strict=True)])
+
+    def fixed(self, sample: int = 0) -> BoxScoreTarget:
+        """The boxes and labels chosen for sample ``sample``, matched in every image scored: in a perturbed
+        image each is re-matched by IoU (the best-overlapping detection of its label above
+        ``iou_threshold`` adds its IoU and score; none adds 0)."""
+        if self.chosen is None:
+            raise TargetError("the detections are chosen at the first forward: score the original first")
+        twin = copy.copy(self)
+        twin._every = list(self.chosen[sample])
+        return twin
 
     def _choose(self, out: Mapping[str, Tensor]) -> list[tuple[tuple[float, ...], int]]:
         boxes, labels, scores = out["boxes"].detach(), out["labels"].detach(), out["scores"].detach()

@@ -12,6 +12,10 @@ the metric's direction, the first in forward order on ties), the final spatial l
 better the best is. :meth:`FaithfulnessResult.agreement` says where the metrics agree: the Spearman rank
 correlation between the metrics' layer rankings (each oriented so that higher is better).
 
+The target may be a class or a task target of :mod:`camanim.compute.tasks`: the metrics then score the
+target's own score (see :mod:`camanim.compute.metrics.faithfulness`); Average Drop and Average Gain, defined
+for a probability only, are left out of ``"all"`` and refused when asked by name.
+
 Example:
     >>> from camanim.pipelines.faithfulness import faithfulness
     >>> res = faithfulness("efficientnet_lite0", "chelsea", metrics="road,deletion,insertion")  # doctest: +SKIP
@@ -32,16 +36,23 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
+from camanim.compute.capture import frozen_eval
 from camanim.compute.layers import Layer, LayerSpec
 from camanim.compute.metrics import confidence as conf
 from camanim.compute.metrics import deletion as dele
 from camanim.compute.metrics import road as rd
-from camanim.compute.metrics.engine import ProgressCallback, _forward_copy
-from camanim.compute.metrics.faithfulness import METRICS, Settings, faithfulness_core, parse_metrics
+from camanim.compute.metrics.engine import ProgressCallback, _device, _forward_copy, _probabilities
+from camanim.compute.metrics.faithfulness import (
+    METRICS,
+    PROBABILITY_ONLY,
+    Settings,
+    faithfulness_core,
+    parse_metrics,
+)
 from camanim.compute.models import DEFAULT_MODEL, InputSize
 from camanim.errors import UnknownNameError
 from camanim.pipelines.explain import as_loaded, explain
-from camanim.pipelines.ybroad import SPACES, YbRoad, YbRoadResult, _image_label
+from camanim.pipelines.ybroad import SPACES, YbRoad, YbRoadResult, _check_clean, _image_label, scored_target
 
 __all__ = [
     "FaithfulnessResult",
@@ -177,8 +188,8 @@ class FaithfulnessResult:
         series: ``series[method][metric]``: a :class:`LayerSeries`.
         scores: per method, the :class:`~camanim.compute.metrics.faithfulness.FaithfulnessScores` (raw
             curves: ROAD's MoRF/LeRF, the deletion and insertion curves, ``Y`` and ``O``).
-        target: the explained and scored class; ``target_name`` its name.
-        clean_probability: the target's softmax probability on the image.
+        target: the explained and scored class (None for a task target); ``target_name`` its name.
+        clean_probability: the target's score on the image (a class's softmax probability).
         settings: percentages, steps, baseline, seed, imputer and imputation space.
         stats: perturbations asked, unique, forwarded; seconds.
         timings: seconds per stage.
@@ -188,7 +199,7 @@ class FaithfulnessResult:
     metrics: tuple[str, ...]
     series: Mapping[str, Mapping[str, LayerSeries]] = field(repr=False)
     scores: Mapping[str, Any] = field(repr=False)
-    target: int
+    target: int | None
     target_name: str
     clean_probability: float
     settings: dict[str, Any] = field(default_factory=dict)
@@ -214,6 +225,11 @@ class FaithfulnessResult:
     def image_name(self) -> str:
         """A short name of the image."""
         return _image_label(self.explanation.image_info)
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """What was explained and scored (the explanation's ``task``)."""
+        return dict(getattr(self.explanation, "task", None) or {"kind": "classification"})
 
     def best_layer(self, method: str, by: str = "road") -> Layer:
         """The best layer of ``method`` by the metric ``by``."""
@@ -275,6 +291,8 @@ class FaithfulnessResult:
                 row[f"best_{name}_index"] = s.best_layer.index
                 row[f"best_{name}_value"] = s.best
                 row[f"final_{name}"] = s.final
+            row["task"] = self.task.get("kind", "classification")
+            row["target_score"] = self.clean_probability
             rows.append(row)
         return rows
 
@@ -295,7 +313,9 @@ class FaithfulnessResult:
             "weights": self.explanation.weights,
             "image": self.image_name,
             "target": {"class": self.target, "name": self.target_name},
+            "task": self.task,
             "clean_probability": self.clean_probability,
+            "target_score": self.clean_probability,
             "settings": dict(self.settings),
             "metrics": list(self.metrics),
             "methods": {m: {n: s.summary() for n, s in per.items()} for m, per in self.series.items()},
@@ -316,7 +336,7 @@ def faithfulness(
     methods: str | Sequence[str] = "gradcam",
     layers: LayerSpec = "all",
     metrics: str | Sequence[str] = "all",
-    target: int | str | None = None,
+    target: Any = None,
     percentages: Sequence[float] = rd.DEFAULT_PERCENTAGES,
     steps: int = dele.STEPS,
     baseline: str = "rise",
@@ -342,7 +362,9 @@ def faithfulness(
         layers: layer selection; default every spatial layer.
         metrics: metric names (``"road,deletion,insertion"``) or ``"all"`` (see
             :data:`camanim.compute.metrics.faithfulness.METRICS`).
-        target: the class explained and scored; default the top-1 class.
+        target: the class explained and scored; default the top-1 class. Or a task target (any callable
+            :func:`camanim.explain` takes): its score is scored; with ``explanation``, the target its maps
+            were computed for.
         percentages: ROAD's p values in percent.
         steps: intervals of the deletion and insertion curves (default 20, torchcam's).
         baseline: deletion/insertion baseline: ``"rise"`` (default), ``"blur"``, ``"zero"`` or ``"road"``.
@@ -363,11 +385,18 @@ def faithfulness(
         A :class:`FaithfulnessResult`.
 
     Raises:
-        MetricError: a batch of several images, bad percentages, steps, baseline or imputation space.
+        MetricError: a batch of several images, bad percentages, steps, baseline or imputation space;
+            Average Drop or Average Gain asked for a task target; a detection whose box is not found.
         UnknownNameError: an unknown metric.
     """
     t0 = time.perf_counter()
     names = parse_metrics(metrics)
+    every = any(
+        str(n).strip().lower() == "all" for n in (metrics.split(",") if isinstance(metrics, str) else metrics)
+    )
+    task_given = callable(target) and not isinstance(target, (str, int))
+    if task_given or (explanation is not None and explanation.task.get("kind") != "classification"):
+        names = _task_metrics(names, every)
     ps = rd.check_percentages(percentages)
     dele.curve_counts(1, steps)
     dele.check_baseline(baseline)
@@ -398,7 +427,7 @@ def faithfulness(
         log.warning("the input has %d channels, not RGB: imputing in the model's input space", x.shape[0])
         space = "model"
     prep = ex.preprocessing if space == "pixel" else None
-    tgt = int(ex.targets[0])
+    lm, tgt = scored_target(ex, lm, target)
     chosen = tuple(ex.chosen)
     methods_ = tuple(ex.methods)
 
@@ -411,11 +440,17 @@ def faithfulness(
     timings["upsample"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    twin, cl = _forward_copy(lm.model, optimize, x[None])
+    twin, cl = _forward_copy(lm.model, optimize, x[None], tgt)
     settings = Settings(ps, int(steps), baseline, imp, prep, int(seed))
+    clean = None
+    if not isinstance(tgt, int):  # the clean forward first: a task target decides on the original
+        with frozen_eval(twin), torch.inference_mode():
+            clean = float(_probabilities(twin, x[None].to(_device(twin)), tgt, 1, cl)[0])
+        _check_clean(str(ex.task.get("kind")), clean)
     scores = faithfulness_core(
-        twin, cl, x, tuple(keys), maps, tgt, names, settings, batch_size=batch_size, progress=progress
-    )
+        twin, cl, x, tuple(keys), maps, tgt, names, settings, batch_size=batch_size, progress=progress,
+        clean_probability=clean,
+    )  # fmt: skip
     del twin
     timings["metrics"] = time.perf_counter() - t
 
@@ -442,7 +477,7 @@ def faithfulness(
         metrics=names,
         series=series,
         scores=per_method,
-        target=tgt,
+        target=tgt if isinstance(tgt, int) else None,
         target_name=ex.target_names[0],
         clean_probability=float(scores.clean_probability),
         settings={
@@ -456,6 +491,24 @@ def faithfulness(
         stats=dict(scores.stats),
         timings=timings,
     )
+
+
+def _task_metrics(names: tuple[str, ...], every: bool) -> tuple[str, ...]:
+    """The metrics of a task target: ``"all"`` leaves out those defined for a probability only.
+
+    Raises:
+        MetricError: one of those asked by name.
+    """
+    if every:
+        return tuple(n for n in names if n not in PROBABILITY_ONLY)
+    bad = [n for n in names if n in PROBABILITY_ONLY]
+    if bad:
+        raise rd.RoadError(
+            f"{', '.join(bad)} divide by the target's probability (Y, 1 - Y): defined for a class's softmax, "
+            "not for a task target's score; use road, morf, lerf, deletion, insertion or the other "
+            "confidence metrics"
+        )
+    return names
 
 
 def _slice_scores(s: Any, sl: slice, keys: tuple[str, ...]) -> Any:
@@ -483,7 +536,7 @@ def best_layer_by(
     *,
     method: str = "gradcam",
     by: str = "road",
-    target: int | str | None = None,
+    target: Any = None,
     layers: LayerSpec = "all",
     **kwargs: Any,
 ) -> Layer:

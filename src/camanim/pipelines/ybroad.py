@@ -7,7 +7,12 @@ pipeline: identical masks (layers with alike maps) are imputed and forwarded onc
 
 Per method the result reports the series, its mean ("mean layer-wise ROAD"), its maximum ("ybROAD") and
 the arg-max layer (the layer whose map best explains the prediction), the final spatial layer's ROAD (the
-usual choice of layer) and max - final (Table 2 of the paper). A moving average (the paper suggests one)
+usual choice of layer) and max - final (Table 2 of the paper).
+
+The target may be a class or any task target of :mod:`camanim.compute.tasks` (a segmentation region, a
+detection box, an embedding similarity, multi-label or regression outputs): ROAD then scores the target's
+own score of the perturbed image minus the original's (the "Score" and "Tasks" definitions of
+:mod:`camanim.compute.metrics.road`), through the same output selector as the maps' capture. A moving average (the paper suggests one)
 is drawn in the plot only, never used for the reported numbers.
 
 Example:
@@ -37,6 +42,7 @@ from camanim.compute.metrics.road import (
     DEFINITION,
     ProgressCallback,
     RoadError,
+    Target,
     _default_imputer,
     _device,
     _forward_copy,
@@ -44,9 +50,9 @@ from camanim.compute.metrics.road import (
     _road_core,
     check_percentages,
 )
-from camanim.compute.models import DEFAULT_MODEL, InputSize
+from camanim.compute.models import DEFAULT_MODEL, InputSize, LoadedModel
 from camanim.errors import UnknownNameError
-from camanim.pipelines.explain import as_loaded, explain
+from camanim.pipelines.explain import Explanation, as_loaded, explain
 
 __all__ = [
     "SMOOTH_WINDOW",
@@ -54,6 +60,7 @@ __all__ = [
     "YbRoad",
     "YbRoadResult",
     "best_layer",
+    "scored_target",
     "smooth_series",
     "ybroad",
 ]
@@ -194,8 +201,10 @@ class YbRoadResult:
     Attributes:
         explanation: the :class:`~camanim.explanation.Explanation` whose maps were scored.
         results: per method, its :class:`YbRoad`.
-        target: the explained and scored class; ``target_name`` its name.
-        clean_probability: the target's softmax probability on the original image.
+        target: the explained and scored class (None for a task target); ``target_name`` its name (a task
+            target's label).
+        clean_probability: the target's score on the original image (a class's softmax probability; a task
+            target's own score).
         percentages: p values in percent.
         seed: tie-break and noise seed.
         imputer: description of the imputer (its ``repr``).
@@ -207,7 +216,7 @@ class YbRoadResult:
 
     explanation: Any = field(repr=False)
     results: Mapping[str, YbRoad]
-    target: int
+    target: int | None
     target_name: str
     clean_probability: float
     percentages: tuple[float, ...]
@@ -217,6 +226,12 @@ class YbRoadResult:
     resumed: int = 0
     stats: dict[str, float] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """What was explained and scored (the explanation's ``task``: ``{"kind": "classification", ...}``
+        or a task target's description)."""
+        return dict(getattr(self.explanation, "task", None) or {"kind": "classification"})
 
     def __getitem__(self, method: str) -> YbRoad:
         if method not in self.results:
@@ -260,6 +275,8 @@ class YbRoadResult:
                     "best_index": r.best_layer.index,
                     "final_layer": r.final_layer.name,
                     "layers": len(r),
+                    "task": self.task.get("kind", "classification"),
+                    "target_score": self.clean_probability,
                 }
             )
         return rows
@@ -272,7 +289,9 @@ class YbRoadResult:
             "weights": self.explanation.weights,
             "image": self.image_name,
             "target": {"class": self.target, "name": self.target_name},
+            "task": self.task,
             "clean_probability": self.clean_probability,
+            "target_score": self.clean_probability,
             "percentages": list(self.percentages),
             "seed": self.seed,
             "imputer": self.imputer,
@@ -316,13 +335,47 @@ class Checkpoint(Protocol):
         ...
 
 
+def scored_target(ex: Explanation, lm: LoadedModel, target: Any = None) -> tuple[LoadedModel, Target]:
+    """The model to run the perturbed forwards with and what they score, for the maps of ``ex``.
+
+    For a classification the target is the explained class (its softmax probability is scored) and the
+    model is ``lm``. For a task the target is the task target the maps were computed for (``target``;
+    the same object, already decided on the original image, or decided by the metrics' first, clean
+    forward), and the model reads the output the way the capture did (the target's output selector and
+    ``expect``, the embedding layer tapped).
+
+    Raises:
+        RoadError: a task explanation without its target callable.
+    """
+    kind = (getattr(ex, "task", None) or {}).get("kind", "classification")
+    if kind == "classification":
+        return lm, int(ex.targets[0])
+    if not callable(target) or isinstance(target, (str, int)):
+        raise RoadError(
+            f"the maps explain a {kind} target: give the same target callable (target=...) to score them"
+        )
+    if hasattr(target, "expect"):
+        lm = lm.with_output(getattr(target, "output", None), target.expect, getattr(lm.model, "tap", None))
+    return lm, target
+
+
+def _check_clean(kind: str, clean: float) -> None:
+    """Refuse a detection whose clean score is 0: no detection matches the box explained, so every
+    perturbed score is 0 too and every map would score 0."""
+    if kind == "detection" and not clean > 0:
+        raise RoadError(
+            "the detector finds no detection matching the explained box in the original image (score 0): every "
+            "perturbed image scores 0 too, so ROAD is not defined; give a box and label the detector finds"
+        )
+
+
 def ybroad(
     model: Any = None,
     image: Any = "chelsea",
     *,
     methods: str | Sequence[str] = "gradcam",
     layers: LayerSpec = "all",
-    target: int | str | None = None,
+    target: Any = None,
     percentages: Sequence[float] = DEFAULT_PERCENTAGES,
     seed: int = 0,
     imputer: Any = None,
@@ -346,15 +399,18 @@ def ybroad(
         image: one image source or a preprocessed ``(1, 3, H, W)`` tensor (see :func:`camanim.explain`).
         methods: method names (``"gradcam,hirescam"``) or a list.
         layers: layer selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
-        target: the class explained and scored; default the top-1 class.
+        target: the class explained and scored; default the top-1 class. Or a task target of
+            :mod:`camanim.compute.tasks` (or any callable :func:`camanim.explain` takes): its score is
+            scored (see :mod:`camanim.compute.metrics.road`); with ``explanation``, the target its maps
+            were computed for.
         percentages: p values in percent (fractions of pixels removed).
         seed: seed of the tie-break, the noise and seeded methods.
         imputer: an imputer of :mod:`camanim.road.imputers` or its name; default ``NoisyLinearImputer()``.
         imputation_space: ``"pixel"`` (default: [0, 1] pixels, as the ROAD paper) or ``"model"`` (the
             normalised input, as grad-cam).
         batch_size: perturbed images per forward.
-        score: what the CAM differentiates (``"logit"``, ``"probability"``, ``"sigmoid"``); ROAD always
-            scores the softmax probability.
+        score: what the CAM differentiates (``"logit"``, ``"probability"``, ``"sigmoid"``); for a class,
+            ROAD always scores the softmax probability.
         keep_nonspatial: include 1x1 layers.
         device: where to run the model.
         input_size: the input size instead of the model's: ``N``, ``(H, W)``, ``"HxW"`` or ``"native"`` (see
@@ -371,7 +427,8 @@ def ybroad(
         A :class:`YbRoadResult`.
 
     Raises:
-        RoadError: a batch of several images, an unknown imputation space, or bad percentages.
+        RoadError: a batch of several images, an unknown imputation space, bad percentages, a task
+            explanation without its target, or a detection whose box the detector does not find.
     """
     t0 = time.perf_counter()
     ps = check_percentages(percentages)
@@ -389,6 +446,8 @@ def ybroad(
             raise RoadError("ybroad(explanation=...) needs the model whose maps these are (model=...)")
         ex = explanation
         lm = as_loaded(model, device)
+    lm, tgt = scored_target(ex, lm, target)
+    kind = str((getattr(ex, "task", None) or {}).get("kind", "classification"))
     net: nn.Module = lm.model
     timings = {"explain": time.perf_counter() - t0}
     if ex.input.shape[0] != 1:
@@ -399,7 +458,6 @@ def ybroad(
         log.warning("the input has %d channels, not RGB: imputing in the model's input space", x.shape[0])
         space = "model"
     prep = ex.preprocessing if space == "pixel" else None
-    tgt = int(ex.targets[0])
     chosen = tuple(ex.chosen)
     names = tuple(ex.methods)
     h, w = x.shape[-2:]
@@ -407,7 +465,7 @@ def ybroad(
         "model": ex.model_name,
         "weights": ex.weights,
         "input": _digest_array(x.numpy()),
-        "target": tgt,
+        "target": tgt if isinstance(tgt, int) else dict(ex.task),
         "percentages": list(ps),
         "seed": int(seed),
         "imputer": repr(imp),
@@ -457,11 +515,12 @@ def ybroad(
     clean = None
     stats: dict[str, float] = {}
     if maps:
-        twin, cl = _forward_copy(net, optimize, x[None])
+        twin, cl = _forward_copy(net, optimize, x[None], tgt)
         clean = saved_clean
-        if clean is None:  # once per image, kept with the finished layers for a resumed run
+        if clean is None or not isinstance(tgt, int):  # once per image (a task target decides on it)
             with frozen_eval(twin), torch.inference_mode():
                 clean = float(_probabilities(twin, x[None].to(_device(twin)), tgt, 1, cl)[0])
+        _check_clean(kind, clean)
         _, _, _, clean, stats = _road_core(
             twin,
             x,
@@ -479,7 +538,11 @@ def ybroad(
         )
         del twin
     else:
-        clean = saved_clean if saved_clean is not None else float(ex.probabilities[0, tgt])
+        clean = (
+            saved_clean
+            if saved_clean is not None
+            else float(ex.probabilities[0, tgt if isinstance(tgt, int) else 0])
+        )
     timings["road"] = time.perf_counter() - t
     n_pix = h * w
     removed = np.array([round(p / 100.0 * n_pix) / n_pix for p in ps])
@@ -502,7 +565,7 @@ def ybroad(
     return YbRoadResult(
         explanation=ex,
         results=results,
-        target=tgt,
+        target=tgt if isinstance(tgt, int) else None,
         target_name=ex.target_names[0],
         clean_probability=float(clean),
         percentages=ps,

@@ -44,10 +44,12 @@ from camanim.compute.metrics.engine import (
     Perturbation,
     PerturbationContext,
     ProgressCallback,
+    Target,
     _as_image,
     _as_maps,
     _device,
     _forward_copy,
+    as_target,
     multiply,
     score_units,
     split_batch,
@@ -172,7 +174,7 @@ def confidence_scores(
     model: nn.Module,
     x: Tensor,
     maps: MapsLike,
-    target_class: int,
+    target_class: Target,
     *,
     batch_size: int = 64,
     clean_probability: float | None = None,
@@ -185,7 +187,9 @@ def confidence_scores(
         model: a classifier returning ``(B, K)`` logits (run in eval and inference mode; flags restored).
         x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
         maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence or a mapping key -> ``(H, W)``.
-        target_class: the class whose softmax probability is scored.
+        target_class: the class whose softmax probability is scored, or a target callable (its score; see
+            :func:`camanim.compute.metrics.road.road_scores`; Average Drop and Average Gain assume a
+            probability in [0, 1]).
         batch_size: masked images per forward.
         clean_probability: ``Y`` when known.
         progress: called with ``(maps done, maps total)``.
@@ -195,8 +199,9 @@ def confidence_scores(
         A :class:`ConfidenceScores`.
     """
     img = _as_image(x)
-    net, cl = _forward_copy(model, optimize, img[None])
-    return _confidence_scores(net, cl, img, maps, int(target_class), batch_size, clean_probability, progress)
+    tgt = as_target(target_class)
+    net, cl = _forward_copy(model, optimize, img[None], tgt)
+    return _confidence_scores(net, cl, img, maps, tgt, batch_size, clean_probability, progress)
 
 
 def _confidence_scores(
@@ -204,7 +209,7 @@ def _confidence_scores(
     cl: bool,
     img: Tensor,
     maps: MapsLike,
-    target: int,
+    target: Target,
     batch_size: int,
     clean_probability: float | None = None,
     progress: ProgressCallback | None = None,
@@ -216,7 +221,7 @@ def _confidence_scores(
         clean_probability=clean_probability, progress=progress, channels_last=cl,
     )  # fmt: skip
     o = np.array([p[0] for p in probs], dtype=np.float64)
-    return ConfidenceScores(keys, clean, o, target, 1, None, stats)
+    return ConfidenceScores(keys, clean, o, target if isinstance(target, int) else None, 1, None, stats)
 
 
 class Confidence:

@@ -47,10 +47,12 @@ from camanim.compute.metrics.engine import (
     Perturbation,
     PerturbationContext,
     ProgressCallback,
+    Target,
     _as_image,
     _as_maps,
     _device,
     _forward_copy,
+    as_target,
     impute,
     removal_order,
     replace,
@@ -197,7 +199,7 @@ def deletion_scores(
     model: nn.Module,
     x: Tensor,
     maps: MapsLike,
-    target_class: int,
+    target_class: Target,
     *,
     steps: int = STEPS,
     baseline: str = "rise",
@@ -216,7 +218,8 @@ def deletion_scores(
         x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
         maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence or a mapping key -> ``(H, W)``, at the
             input size.
-        target_class: the class whose softmax probability is scored.
+        target_class: the class whose softmax probability is scored, or a target callable (its score; see
+            :func:`camanim.compute.metrics.road.road_scores`).
         steps: intervals of each curve.
         baseline: ``"rise"`` (default), ``"blur"``, ``"zero"`` or ``"road"`` (see :data:`BASELINES`).
         imputer: the imputer of the ``"road"`` baseline (default ``NoisyLinearImputer()``).
@@ -233,9 +236,10 @@ def deletion_scores(
     """
     check_baseline(baseline)
     img = _as_image(x)
-    net, cl = _forward_copy(model, optimize, img[None])
+    tgt = as_target(target_class)
+    net, cl = _forward_copy(model, optimize, img[None], tgt)
     return _deletion_scores(
-        net, cl, img, maps, int(target_class), steps, baseline, _default_imputer(imputer), preprocessing,
+        net, cl, img, maps, tgt, steps, baseline, _default_imputer(imputer), preprocessing,
         seed, batch_size, clean_probability, progress,
     )  # fmt: skip
 
@@ -245,7 +249,7 @@ def _deletion_scores(
     cl: bool,
     img: Tensor,
     maps: MapsLike,
-    target: int,
+    target: Target,
     steps: int,
     baseline: str,
     imputer: Any,
@@ -266,7 +270,8 @@ def _deletion_scores(
     s = len(counts)
     curves = np.stack(probs) if probs else np.zeros((0, 2 * s))
     fractions = np.array(counts, dtype=np.float64) / n
-    return DeletionScores(keys, fractions, curves[:, :s], curves[:, s:], baseline, clean, target, 1, stats)
+    tgt = target if isinstance(target, int) else None
+    return DeletionScores(keys, fractions, curves[:, :s], curves[:, s:], baseline, clean, tgt, 1, stats)
 
 
 class DeletionInsertion:

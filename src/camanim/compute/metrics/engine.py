@@ -1,7 +1,10 @@
 """The machinery every perturbation metric shares: orderings, masks, perturbed images, batched forwards.
 
 A perturbation metric (ROAD, deletion and insertion, the confidence metrics) scores a saliency map by the
-model's softmax probability of the target on images perturbed according to the map. Scoring many maps of one
+target's score on images perturbed according to the map: for a class index, the model's softmax probability
+of that class; for a target callable (:mod:`camanim.compute.tasks`: a segmentation region, a detection box,
+an embedding similarity, multi-label or regression outputs, or the user's own), the callable's value on the
+model's output (see :func:`readout`). Scoring many maps of one
 image (every layer of every method) repeats perturbations: layers whose maps rank pixels alike give the same
 masks, every deletion curve ends on the same all-baseline image. :func:`score_units` therefore takes each
 map's perturbations as :class:`Perturbation` requests keyed by what the perturbed image *is* (kind + digest of
@@ -48,6 +51,9 @@ __all__ = [
     "MetricError",
     "Perturbation",
     "PerturbationContext",
+    "Target",
+    "as_target",
+    "readout",
     "removal_order",
     "rise_kernel",
     "score_units",
@@ -57,8 +63,12 @@ log = logging.getLogger(__name__)
 
 MapsLike = Tensor | np.ndarray | Mapping[Any, Tensor | np.ndarray] | Sequence[Tensor | np.ndarray]
 ProgressCallback = Callable[[int, int], None]
+#: What a metric scores: a class index (its softmax probability), or a callable from the model's output to
+#: one score per image ``(N,)`` (a task target of :mod:`camanim.compute.tasks`, or the user's own).
+Target = int | Callable[[Any], Tensor]
 
-#: Largest change of a softmax probability accepted from the optimised copy (checked on the clean image).
+#: Largest change of a softmax probability accepted from the optimised copy (checked on the clean image);
+#: for a target callable, the largest change relative to ``max(1, |score|)``.
 OPTIMIZE_ATOL = 1e-4
 
 
@@ -126,22 +136,33 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _forward_copy(model: nn.Module, optimize: bool | None, example: Tensor) -> tuple[nn.Module, bool]:
+def _forward_copy(
+    model: nn.Module, optimize: bool | None, example: Tensor, target: Target | None = None
+) -> tuple[nn.Module, bool]:
     """The module to run the perturbed forwards with, and whether inputs go channels-last.
 
     On the CPU a private inference copy is faster than the model as given: channels-last memory lets
     oneDNN's convolutions run about 1.5x faster, and folding each BatchNorm into the convolution before it
     (``torch.fx``, where the model traces) saves about 1.25x more on ResNet-50. The user's model is never
     changed. The copy must give the model's softmax on ``example`` (1, C, H, W) within
-    :data:`OPTIMIZE_ATOL`; otherwise, or when it cannot be built, the model runs as it is.
+    :data:`OPTIMIZE_ATOL` (for a target callable: the target's score within :data:`OPTIMIZE_ATOL` times
+    ``max(1, |score|)``); otherwise, or when it cannot be built, the model runs as it is.
 
     Args:
         model: the user's model.
-        optimize: ``None`` = auto (CPU models with a ``Conv2d``), or force on/off.
+        optimize: ``None`` = auto (CPU models with a ``Conv2d``, unless the target reads a raw output such
+            as a detector's list of dicts, whose thresholded detections a rounding change can flip), or
+            force on/off.
         example: one input, for the check.
+        target: what is scored (``None`` or a class index: the softmax; a callable: its score).
     """
+    scored = None if target is None or isinstance(target, int) else target
     if optimize is None:
-        optimize = _device(model).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        optimize = (
+            _device(model).type == "cpu"
+            and any(isinstance(m, nn.Conv2d) for m in model.modules())
+            and getattr(scored, "expect", None) != "any"
+        )
     if not optimize:
         return model, False
     import copy
@@ -162,9 +183,17 @@ def _forward_copy(model: nn.Module, optimize: bool | None, example: Tensor) -> t
     twin = twin.to(memory_format=torch.channels_last)
     device = _device(model)
     with frozen_eval(model), torch.inference_mode():
-        ref = model(example.to(device)).double().softmax(dim=1)
-        got = twin(example.to(device).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1)
-    err = float((ref - got).abs().max()) if ref.shape == got.shape else float("inf")
+        if scored is None:
+            ref = model(example.to(device)).double().softmax(dim=1)
+            got = (
+                twin(example.to(device).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1)
+            )
+            scale = 1.0
+        else:
+            ref = readout(scored, model(example.to(device)), 1)
+            got = readout(scored, twin(example.to(device).contiguous(memory_format=torch.channels_last)), 1)
+            scale = max(1.0, float(ref.abs().max()))
+    err = float((ref - got).abs().max()) / scale if ref.shape == got.shape else float("inf")
     if not err <= OPTIMIZE_ATOL:
         log.info(
             "the optimised copy of the model differs by %.2g on the image: running the model as it is", err
@@ -173,16 +202,59 @@ def _forward_copy(model: nn.Module, optimize: bool | None, example: Tensor) -> t
     return twin, True
 
 
+def as_target(target: Any) -> Target:
+    """A class index as an ``int``; a target callable as it is.
+
+    Raises:
+        MetricError: neither.
+    """
+    if callable(target) and not isinstance(target, (int, np.integer, Tensor)):
+        return target
+    try:
+        return int(target)
+    except (TypeError, ValueError):
+        raise MetricError(
+            f"a target is a class index or a callable scoring the model's output, got {target!r}"
+        ) from None
+
+
+def readout(target: Callable[[Any], Tensor], output: Any, n: int) -> Tensor:
+    """A target callable's score of a model output for ``n`` images: ``(n,)`` float64 on the CPU.
+
+    The callable sees the output as the model gives it (for a :class:`~camanim.compute.models.LoadedModel`,
+    after its output selector): the same thing it saw when the maps were computed.
+
+    Raises:
+        MetricError: the callable returned something else than one finite-or-not number per image.
+    """
+    s = target(output)
+    if not isinstance(s, Tensor) or s.reshape(-1).shape[0] != n:
+        got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+        raise MetricError(f"the target must give one score per image ({n},), got {got}")
+    return s.detach().reshape(-1).double().cpu()
+
+
+def _per_image(target: Target) -> Target:
+    """The target for batches of perturbed copies of one image: a task target as decided on the original
+    (its region, its chosen detections: :meth:`camanim.compute.tasks.TaskTarget.fixed`); others as given."""
+    fixed = getattr(target, "fixed", None)
+    return fixed(0) if callable(fixed) else target
+
+
 def _probabilities(
-    model: nn.Module, x: Tensor, target: int, batch_size: int, channels_last: bool = False
+    model: nn.Module, x: Tensor, target: Target, batch_size: int, channels_last: bool = False
 ) -> Tensor:
-    """Softmax probability of ``target`` for every image of ``x`` ``(N, C, H, W)``; ``(N,)`` float64 CPU."""
+    """The target's score for every image of ``x`` ``(N, C, H, W)``: the softmax probability of a class
+    index, or a target callable's value (:func:`readout`); ``(N,)`` float64 CPU."""
     out = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         logits = model(xb)
+        if not isinstance(target, int):
+            out.append(readout(target, logits, xb.shape[0]))
+            continue
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             raise MetricError(
                 f"the model must return (B, K) logits, got {getattr(logits, 'shape', type(logits))}"
@@ -387,7 +459,7 @@ def score_units(
     model: nn.Module,
     ctx: PerturbationContext,
     units: Iterable[Unit],
-    target: int,
+    target: Target,
     *,
     n_units: int,
     batch_size: int,
@@ -397,7 +469,7 @@ def score_units(
     channels_last: bool = False,
     overlap: bool = True,
 ) -> tuple[list[np.ndarray], float, dict[str, float]]:
-    """The target's softmax probability on every perturbed image of every unit (one unit per scored map).
+    """The target's score on every perturbed image of every unit (one unit per scored map).
 
     Units are read one at a time (so their masks are made while earlier batches are forwarded); their
     perturbations are deduplicated by key; when ``batch_size`` distinct images are pending they are made
@@ -409,17 +481,21 @@ def score_units(
         model: the module to forward (eval mode and inference mode are set here, flags restored).
         ctx: makes the perturbed images.
         units: per unit, its perturbations.
-        target: the class scored.
+        target: the class whose softmax probability is scored, or a target callable (:data:`Target`). The
+            clean forward comes first, so a task target that decides what it scores at its first forward (a
+            segmentation region of the predicted pixels, the detections to match) decides on the original
+            image; the perturbed images are then scored as copies of it (``target.fixed(0)``). Give
+            ``clean_probability`` only with such a target already decided.
         n_units: number of units (for ``progress``).
         batch_size: perturbed images per forward.
-        clean_probability: the target's probability on the original when known.
-        on_units: called with finished units' positions and their ``(n_i,)`` float64 probabilities.
+        clean_probability: the target's score on the original when known.
+        on_units: called with finished units' positions and their ``(n_i,)`` float64 scores.
         progress: called with ``(units done, n_units)``.
         channels_last: feed the model channels-last inputs.
         overlap: make the next batch while the previous one is forwarded.
 
     Returns:
-        ``(per unit (n_i,) probabilities, clean probability, stats)``; stats count ``masks`` (perturbations
+        ``(per unit (n_i,) scores, clean score, stats)``; stats count ``masks`` (perturbations
         asked), ``unique_masks``, ``forwards`` and seconds ``t_order`` (reading units), ``t_impute`` (making
         images), ``t_forward``, ``t_clean`` and ``t_total``.
     """
@@ -440,6 +516,7 @@ def score_units(
             )
         stats["t_clean"] = time.perf_counter() - t
         clean = float(clean_probability)
+        per_image = _per_image(target)
 
         probs: dict[bytes, float] = {}
         pending: dict[bytes, Perturbation] = {}
@@ -454,7 +531,7 @@ def score_units(
             keys, job = in_flight.pop(0)
             perturbed = job.result() if pool is not None else job
             t1 = time.perf_counter()
-            p = _probabilities(model, perturbed, target, batch_size, channels_last)
+            p = _probabilities(model, perturbed, per_image, batch_size, channels_last)
             stats["t_forward"] += time.perf_counter() - t1
             stats["forwards"] += len(keys)
             for k, v in zip(keys, p.tolist(), strict=True):

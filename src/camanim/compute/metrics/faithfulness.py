@@ -23,6 +23,12 @@ shared :func:`~camanim.compute.metrics.engine.score_units` pass: each map's pert
 form one unit, so the images two families share (deletion with the ``"road"`` baseline and ROAD's MoRF
 masks, every curve's all-baseline end) are made and forwarded once.
 
+The target is a class (its softmax probability is scored) or a target callable of
+:mod:`camanim.compute.tasks` (its own score; see the "Score" and "Tasks" definitions of
+:mod:`~camanim.compute.metrics.road`). ROAD, MoRF, LeRF, deletion, insertion, Increase in Confidence,
+confidence change and drop in confidence are defined for any score; Average Drop and Average Gain divide by
+``Y`` and ``1 - Y`` and are defined for a probability only (:data:`PROBABILITY_ONLY`).
+
 Example:
     >>> import torch
     >>> from camanim.compute.metrics.faithfulness import faithfulness_scores
@@ -51,11 +57,13 @@ from camanim.compute.metrics.engine import (
     Perturbation,
     PerturbationContext,
     ProgressCallback,
+    Target,
     _as_image,
     _as_maps,
     _counts,
     _device,
     _forward_copy,
+    as_target,
     score_units,
 )
 from camanim.errors import UnknownNameError
@@ -63,6 +71,7 @@ from camanim.errors import UnknownNameError
 __all__ = [
     "FAMILIES",
     "METRICS",
+    "PROBABILITY_ONLY",
     "FaithfulnessScores",
     "MetricInfo",
     "faithfulness_scores",
@@ -122,6 +131,10 @@ METRICS: dict[str, MetricInfo] = {
 #: Families in the order their perturbations are asked for.
 FAMILIES = ("road", "deletion", "confidence")
 
+#: Metrics whose definition needs the score to be a probability in [0, 1] (they divide by ``Y`` or
+#: ``1 - Y``): a class's softmax, not a task target's score.
+PROBABILITY_ONLY = ("average_drop", "average_gain")
+
 
 def parse_metrics(spec: str | Sequence[str]) -> tuple[str, ...]:
     """``"road,deletion"``, ``"all"`` or a list to metric names (order kept, duplicates dropped).
@@ -157,8 +170,8 @@ class FaithfulnessScores:
         road: ROAD's MoRF/LeRF scores when a ROAD metric was asked (:class:`~.road.RoadScores`).
         deletion: the curves when deletion or insertion was asked (:class:`~.deletion.DeletionScores`).
         confidence: ``Y`` and ``O`` when a confidence metric was asked (:class:`~.confidence.ConfidenceScores`).
-        clean_probability: the target's softmax probability on the image.
-        target: the target class.
+        clean_probability: the target's score on the image (a class's softmax probability).
+        target: the target class (None for a target callable).
         stats: counts (perturbations asked, unique, forwards) and seconds.
     """
 
@@ -225,7 +238,7 @@ def faithfulness_core(
     img: Tensor,
     keys: tuple[Any, ...],
     maps: Sequence[Tensor],
-    target: int,
+    target: Target,
     metrics: Sequence[str],
     settings: Settings,
     *,
@@ -237,6 +250,12 @@ def faithfulness_core(
     """:func:`faithfulness_scores` on a module already prepared (:func:`~.engine._forward_copy`) and maps
     already checked; ``on_maps(positions)`` is called as maps complete."""
     families = [f for f in FAMILIES if any(METRICS[m].family == f for m in metrics)]
+    cls = target if isinstance(target, int) else None
+    if cls is None and (bad := [m for m in metrics if m in PROBABILITY_ONLY]):
+        raise MetricError(
+            f"{', '.join(bad)} divide by the target's probability (Y, 1 - Y): defined for a class's softmax, "
+            "not for a task target's score"
+        )
     c, h, w = img.shape
     n_pix = h * w
     if "deletion" in families:
@@ -261,18 +280,18 @@ def faithfulness_core(
         diff = table[:, parts["road"]] - clean
         n_p = len(settings.percentages)
         removed = np.array([k / n_pix for k in _counts(n_pix, settings.percentages)])
-        road = rd.RoadScores(keys, settings.percentages, diff[:, :n_p], diff[:, n_p:], removed, clean, target)
+        road = rd.RoadScores(keys, settings.percentages, diff[:, :n_p], diff[:, n_p:], removed, clean, cls)
         values["road"], values["morf"], values["lerf"] = road.road, road.morf.mean(1), road.lerf.mean(1)
     if "deletion" in parts:
         curves = table[:, parts["deletion"]]
         s1 = settings.steps + 1
         fractions = np.array(dele.curve_counts(n_pix, settings.steps), dtype=np.float64) / n_pix
         deletion = dele.DeletionScores(
-            keys, fractions, curves[:, :s1], curves[:, s1:], settings.baseline, clean, target
+            keys, fractions, curves[:, :s1], curves[:, s1:], settings.baseline, clean, cls
         )
         values["deletion"], values["insertion"] = deletion.deletion_auc, deletion.insertion_auc
     if "confidence" in parts:
-        confidence = conf.ConfidenceScores(keys, clean, table[:, parts["confidence"]][:, 0], target)
+        confidence = conf.ConfidenceScores(keys, clean, table[:, parts["confidence"]][:, 0], cls)
         values.update(conf.per_image_metrics(clean, confidence.masked_probability))
     return FaithfulnessScores(
         keys,
@@ -282,7 +301,7 @@ def faithfulness_core(
         deletion,
         confidence,
         clean,
-        target,
+        cls,
         stats,
     )
 
@@ -291,7 +310,7 @@ def faithfulness_scores(
     model: nn.Module,
     x: Tensor,
     maps: MapsLike,
-    target_class: int,
+    target_class: Target,
     *,
     metrics: str | Sequence[str] = "all",
     percentages: Sequence[float] = rd.DEFAULT_PERCENTAGES,
@@ -312,7 +331,7 @@ def faithfulness_scores(
         x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
         maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence or a mapping key -> ``(H, W)``, ReLU'd
             and upsampled to the input size.
-        target_class: the class scored.
+        target_class: the class scored, or a target callable (see the module docstring).
         metrics: names of :data:`METRICS` or ``"all"``.
         percentages: ROAD's p values in percent.
         steps: intervals of the deletion and insertion curves.
@@ -334,9 +353,10 @@ def faithfulness_scores(
     dele.check_baseline(baseline)
     img = _as_image(x)
     keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
-    net, cl = _forward_copy(model, optimize, img[None])
+    tgt = as_target(target_class)
+    net, cl = _forward_copy(model, optimize, img[None], tgt)
     settings = Settings(ps, int(steps), baseline, imputer, preprocessing, int(seed))
     return faithfulness_core(
-        net, cl, img, keys, stack, int(target_class), names, settings, batch_size=batch_size,
+        net, cl, img, keys, stack, tgt, names, settings, batch_size=batch_size,
         clean_probability=clean_probability, progress=progress,
     )  # fmt: skip

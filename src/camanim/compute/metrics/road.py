@@ -21,8 +21,21 @@ Definitions (recorded in bundles' manifests as :data:`DEFINITION`):
 * **Noise** is drawn from a generator seeded by ``(seed, digest of the mask)``: the same mask gives the same
   perturbed image whatever the batching, order or layer, so layers with identical masks share one
   imputation and one forward, and an interrupted run resumes to the same numbers.
-* **Score** of one perturbation: the target's softmax probability on the perturbed image minus on the
-  original. The clean forward is done once per image.
+* **Score** of one perturbation: the target's score on the perturbed image minus on the original. For a
+  class index the score is the softmax probability of the class; for a target callable (a task target of
+  :mod:`camanim.compute.tasks` or the user's own) it is the callable's value on the model's output, in its
+  own units (a segmentation target's summed logits over its region, a detection's IoU + class score,
+  a cosine similarity...): ROAD values then compare the layers and methods of one target, not different
+  targets. The clean forward is done once per image, first: a task target that decides what it scores at
+  its first forward decides on the original image, and every perturbed image is scored against that same
+  decision (:meth:`camanim.compute.tasks.TaskTarget.fixed`).
+* **Tasks**: the pixels are ranked by the map over the whole image whatever the target (ROAD's definition):
+  a segmentation region or a detection box restricts what is scored, not what is removed, since evidence
+  outside the region moves its score too; the imputation is the same. A segmentation region stays the one
+  decided on the original image (not re-predicted on the perturbed one, whose shrinking region would lower
+  the sum for a reason that is not the map's); a detection is re-matched in the perturbed image by IoU with
+  the box explained (grad-cam's ``FasterRCNNBoxScoreTarget``: the best-overlapping detection of the same
+  label above the IoU threshold, 0 when there is none).
 * **ROAD** = mean over p of (LeRF_p - MoRF_p) / 2; higher is better. On the symmetric default set this
   equals grad-cam's ``ROADCombined(percentiles=[20, 40, 60, 80])`` (grad-cam's percentile ``q`` *keeps* q %,
   i.e. removes 1 - q, and the set is symmetric). The CAManim paper writes a sum over p, but its Table 2
@@ -60,6 +73,7 @@ from camanim.compute.metrics.engine import (  # noqa: F401  (re-exported: ybROAD
     Perturbation,
     PerturbationContext,
     ProgressCallback,
+    Target,
     _as_image,
     _as_maps,
     _counts,
@@ -69,6 +83,7 @@ from camanim.compute.metrics.engine import (  # noqa: F401  (re-exported: ybROAD
     _noise_generator,
     _probabilities,
     _tie_keys,
+    as_target,
     impute,
     removal_order,
     score_units,
@@ -106,7 +121,12 @@ DEFINITION: dict[str, str] = {
     "paper; model: the normalised model input, as grad-cam does (same result without noise)",
     "noise_seed": "noise drawn from a generator seeded by (seed, digest of the mask): identical masks give "
     "identical perturbed images, shared across layers",
-    "score": "softmax probability of the target class on the perturbed image minus on the original",
+    "score": "the target's score on the perturbed image minus on the original: the softmax probability of a "
+    "target class; for a task target its own score (segmentation: the class's summed logit or probability "
+    "over the region decided on the original image; detection: IoU + class score of the detection of the "
+    "same label best overlapping the explained box in the perturbed image, 0 if none above the IoU "
+    "threshold; embedding: cosine similarity to the reference; multi-label: summed sigmoids; regression: the "
+    "output); pixels ranked over the whole image for every task",
     "forwards": "clean image once; each unique perturbed image once, in batches, eval mode, inference mode, on "
     "the model's device; on the CPU through a private channels-last copy with Conv-BN folded, checked to "
     "match the model within 1e-4 on the clean image",
@@ -130,8 +150,10 @@ class RoadScores:
         morf: ``(L, P)`` score (probability change) after removing the most relevant p.
         lerf: ``(L, P)`` score after removing the least relevant p.
         removed: ``(P,)`` fraction of pixels actually removed, ``round(p * H * W) / (H * W)``.
-        clean_probability: the target's softmax probability on the original image (mean over images).
-        target: the target class (``None`` when averaged over images with different targets).
+        clean_probability: the target's score on the original image (its softmax probability for a class;
+            mean over images).
+        target: the target class (``None`` when averaged over images with different targets, or for a
+            target callable).
         images: number of images averaged.
         stats: counts and seconds of the computation (masks, unique masks, forwards, imputation time...).
     """
@@ -233,7 +255,7 @@ def _road_core(
     model: nn.Module,
     x: Tensor,
     maps: Sequence[Tensor],
-    target: int,
+    target: Target,
     *,
     percentages: tuple[float, ...],
     imputer: Any,
@@ -301,7 +323,7 @@ def road_scores(
     model: nn.Module,
     x: Tensor,
     maps: MapsLike,
-    target_class: int,
+    target_class: Target,
     *,
     percentages: Sequence[float] = DEFAULT_PERCENTAGES,
     imputer: Any = None,
@@ -319,12 +341,16 @@ def road_scores(
     (channels-last, Conv-BN folded; about 1.9x faster on ResNet-50), checked against the model on ``x``.
 
     Args:
-        model: a classifier returning ``(B, K)`` logits.
+        model: a classifier returning ``(B, K)`` logits; with a target callable, any model whose output
+            the callable reads (a :class:`~camanim.compute.models.LoadedModel`'s ``model``, whose output
+            selector the task chose, gives the callable what it saw when the maps were computed).
         x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
         maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence of ``(H, W)`` maps, or a mapping from a
             key (a layer name) to ``(H, W)`` (or ``(1, H, W)``); already ReLU'd and upsampled to the input
             size, e.g. ``Explanation.upsampled(method, layer)[0]``.
-        target_class: the class whose softmax probability is scored.
+        target_class: the class whose softmax probability is scored, or a target callable from the model's
+            output to one score per image ``(N,)`` (a task target of :mod:`camanim.compute.tasks`; see
+            "Score" and "Tasks" in the module docstring).
         percentages: p values in percent, fractions of pixels removed.
         imputer: an imputer of :mod:`camanim.road.imputers` (or its name); default
             ``NoisyLinearImputer()`` (noise 0.01).
@@ -342,9 +368,10 @@ def road_scores(
     """
     ps = check_percentages(percentages)
     img = _as_image(x)
-    net, cl = _forward_copy(model, optimize, img[None])
+    tgt = as_target(target_class)
+    net, cl = _forward_copy(model, optimize, img[None], tgt)
     return _road_scores(
-        net, cl, x, maps, target_class, ps, _default_imputer(imputer), preprocessing, seed, batch_size,
+        net, cl, x, maps, tgt, ps, _default_imputer(imputer), preprocessing, seed, batch_size,
         clean_probability, progress,
     )  # fmt: skip
 
@@ -354,7 +381,7 @@ def _road_scores(
     channels_last: bool,
     x: Tensor,
     maps: MapsLike,
-    target_class: int,
+    target_class: Target,
     ps: tuple[float, ...],
     imputer: Any,
     preprocessing: Any,
@@ -369,7 +396,7 @@ def _road_scores(
         net,
         img,
         stack,
-        int(target_class),
+        as_target(target_class),
         percentages=ps,
         imputer=imputer,
         preprocessing=preprocessing,
@@ -379,7 +406,8 @@ def _road_scores(
         progress=progress,
         channels_last=channels_last,
     )
-    return RoadScores(keys, ps, morf, lerf, removed, clean, int(target_class), 1, stats)
+    tgt = target_class if isinstance(target_class, int) else None
+    return RoadScores(keys, ps, morf, lerf, removed, clean, tgt, 1, stats)
 
 
 class ROAD:
