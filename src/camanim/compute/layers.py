@@ -12,6 +12,11 @@ Each layer has a *kind*, decided from its output:
 * ``channels_last``: ``(B, h, w, C)`` (ConvNeXt, Swin and MaxViT blocks), permuted to ``(B, C, h, w)``;
 * ``token``: ``(B, N, C)`` whose last ``N - P`` tokens form an ``h x w`` grid after ``P`` prefix
   (class, distillation, register) tokens (ViT, DeiT, Swin's last stage), reshaped to ``(B, C, h, w)``;
+* ``volume``: ``(B, C, d, h, w)`` of a model whose input is a volume or a clip ``(B, C, D, H, W)``, with
+  ``d * h * w > 1`` (MONAI's 3-D networks, torchvision's video classifiers); ``volume_channels_last``:
+  ``(B, d, h, w, C)``, permuted to ``(B, C, d, h, w)``. A volume layer's map is ``(B, d, h, w)``; the methods see it as ``(B, C, d * h, w)`` (:func:`as_bchw`),
+  which is exact for every method whose rule pools over positions or works position by position, and the
+  map is reshaped back (:func:`as_map`). Every other output of such a model is ``nonspatial``;
 * ``nonspatial``: anything else: ``(B, C)`` vectors, 1x1 maps, tuples, and tensors whose axes are not the
   image's (windows of tokens, attention probabilities, heads). These are listed but left out of sweeps:
   their maps carry no spatial information and only render as flat frames or stripes (CAManim, Fig 7).
@@ -26,10 +31,15 @@ The rule, for every model alike (no per-model exceptions): a pair of axes is a g
    them; for tokens, ``N - P = h * w`` with such a grid and ``P`` the model's own prefix count if it
    declares one (timm's ``num_prefix_tokens``), else the smallest of 0..8 that fits (a patch embedding
    has no class token yet);
-3. and, where the model also takes a second input size in the dry run (``H + 32`` by ``W + 64``), the
+3. and, where the model also takes a second input size in the dry run (``H + 32`` by ``W + 32``), the
    same axes at that size either grow with the input by ``step / s`` (within one) while the channel axis
    stays, or stay exactly the same (adaptive pooling, whose fixed grid still covers the image). A grid
    that only the second size reveals (Inception's unpadded convolutions, 299 -> 149 -> 147) counts too.
+
+For a volume ``(D, H, W)`` the same rule holds per grid: ``(h, w)`` is a grid of ``(H, W)`` with one stride
+``s`` as above and ``d`` a grid of ``D`` with a stride of its own (a video network's temporal stride is not its
+spatial one: torchvision's ``r3d_18`` keeps all 8 frames of a clip in its stem while halving the height and
+width), and at the second size ``(D + 8, H + 32, W + 32)`` each of the two either follows the input or stays.
 
 So torchvision MaxViT's window partitions ``(1, 49, 64, 64)`` (49 windows x 64 tokens x 64 channels:
 224 / 64 is no integer stride) and Swin's attention probabilities ``(1, 24, 49, 49)`` are not maps, while
@@ -60,7 +70,8 @@ from camanim.errors import CamanimError, LayerNotFoundError, LayerSelectionError
 
 logger = logging.getLogger(__name__)
 
-SPATIAL_KINDS = ("spatial", "channels_last", "token")
+VOLUME_KINDS = ("volume", "volume_channels_last")
+SPATIAL_KINDS = ("spatial", "channels_last", "token", *VOLUME_KINDS)
 _CHANNELS_LAST_TYPES = ("LayerNorm", "Linear", "Mlp", "LayerScale", "GlobalResponseNorm")
 
 
@@ -73,11 +84,13 @@ class Layer:
         name: unique name: the qualified module name, ``#k`` appended for the k-th call (k >= 2).
         module_name: qualified module name (shared by all calls of a reused module).
         type: the module's class name.
-        kind: ``spatial``, ``channels_last``, ``token`` or ``nonspatial``.
+        kind: ``spatial``, ``channels_last``, ``token``, ``volume``, ``volume_channels_last`` or
+            ``nonspatial``.
         shape: output shape including the batch axis (empty when the output is not a tensor).
         params: number of parameters of the module, its children included.
-        map_size: ``(h, w)`` of the layer's map: ``(1, 1)`` for vectors and 1x1 maps, ``None`` for outputs
-            that cannot be read as a map (tuples, windowed tensors).
+        map_size: ``(h, w)`` of the layer's map (``(d, h, w)`` for a ``volume`` layer): ``(1, 1)`` for vectors
+            and 1x1 maps (``(1, 1, 1)`` in a volume model), ``None`` for outputs that cannot be read as a map
+            (tuples, windowed tensors).
         prefix_tokens: tokens dropped before the grid reshape (``token`` layers only).
         same_as: name of an earlier layer whose output is this very tensor, else ``None``.
     """
@@ -89,14 +102,19 @@ class Layer:
     kind: str
     shape: tuple[int, ...]
     params: int
-    map_size: tuple[int, int] | None
+    map_size: tuple[int, ...] | None
     prefix_tokens: int = 0
     same_as: str | None = None
 
     @property
     def is_spatial(self) -> bool:
-        """Whether the layer yields a 2-D map (any kind but ``nonspatial``)."""
+        """Whether the layer yields a map of the input's grid, 2-D or 3-D (any kind but ``nonspatial``)."""
         return self.kind in SPATIAL_KINDS
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the layer yields a 3-D map ``(B, d, h, w)`` (kinds ``volume`` and ``volume_channels_last``)."""
+        return self.kind in VOLUME_KINDS
 
     def to_dict(self) -> dict:
         """A JSON-ready description, as recorded in the manifest."""
@@ -118,12 +136,19 @@ class Layer:
 #: most CNNs, the same on both sides, so that a model resizing its input inside (a detector's transform to a
 #: fixed shorter side) sees the same aspect ratio and keeps its grids the same size.
 PROBE_DH, PROBE_DW = 32, 32
+#: For a volume or clip, the depth (frames) grows by 8: a short clip (8 frames) would cost five times its
+#: forward pass at 8 + 32. A depth stride above 8 may then keep its depth at the second size, which the rule
+#: accepts for a depth that is a grid at the first size (module docstring).
+PROBE_DD = 8
 #: Prefix tokens (class, distillation, registers) looked for when the model does not say how many it has.
 MAX_PREFIX_TOKENS = 8
 
 Shape = tuple[int, ...]
-Probe = tuple[Shape, tuple[int, int]]
-"""What the dry run saw of one layer at the second input size: ``(output shape, (H2, W2))``."""
+Probe = tuple[Shape, tuple[int, ...]]
+"""What the dry run saw of one layer at the second input size: ``(output shape, (H2, W2))``, or
+``(output shape, (D2, H2, W2))`` for a volume model."""
+Kind = tuple[str, tuple[int, ...] | None, int]
+"""A layer's ``(kind, map_size, prefix_tokens)``."""
 
 
 def grid_stride(h: int, w: int, in_h: int, in_w: int) -> int | None:
@@ -193,17 +218,17 @@ def classify_output(
     output: object,
     module: nn.Module,
     batch: int,
-    in_hw: tuple[int, int],
+    in_hw: tuple[int, ...],
     prefix_tokens: int | None = None,
     other: Probe | None = None,
-) -> tuple[str, tuple[int, int] | None, int]:
+) -> Kind:
     """Decide a layer's kind from its output (the rule is in the module docstring).
 
     Args:
         output: what the module returned.
         module: the module (its type breaks a tie between ``(B, C, H, W)`` and ``(B, H, W, C)``).
         batch: the input's batch size ``B``.
-        in_hw: the input's ``(H, W)`` in pixels.
+        in_hw: the input's ``(H, W)`` in pixels, or ``(D, H, W)`` in voxels (frames) for a volume model.
         prefix_tokens: the model's number of prefix tokens when known (timm's ``num_prefix_tokens``); tried
             first, then 0, 1, ... :data:`MAX_PREFIX_TOKENS`.
         other: the same layer's output shape at the dry run's second input size, and that size, when the
@@ -220,16 +245,18 @@ def classify_shape(
     shape: Shape,
     type_name: str,
     batch: int,
-    in_hw: tuple[int, int],
+    in_hw: tuple[int, ...],
     prefix_tokens: int | None = None,
     other: Probe | None = None,
-) -> tuple[str, tuple[int, int] | None, int]:
+) -> Kind:
     """:func:`classify_output` from the output's shape (``()`` when it is not a tensor) and module type."""
     if len(shape) < 2 or shape[0] != batch:
         return "nonspatial", None, 0
     if len(shape) == 2:
-        return "nonspatial", (1, 1), 0
+        return "nonspatial", (1,) * len(in_hw), 0
     shape2, hw2 = other if other is not None and len(other[0]) == len(shape) else (None, None)
+    if len(in_hw) == 3:
+        return _volume_kind(shape, type_name, in_hw, shape2, hw2)
     if len(shape) == 4:
         _, a, b, c = shape
         first = _grid_kind(b, c, a, in_hw, None if shape2 is None else (shape2[2], shape2[3], shape2[1], hw2))
@@ -252,17 +279,75 @@ def classify_shape(
     return "nonspatial", None, 0
 
 
+def _depth_follows(d: int, in_d: int, d2: int | None, in_d2: int | None) -> bool:
+    """Whether ``d`` is a grid of a volume's depth ``in_d``: ``in_d / s`` for an integer stride ``s`` (rounded
+    either way), and at the second size ``d2`` follows the input or stays the same."""
+    single = 1 <= d <= in_d and any(
+        abs(d * s - in_d) < s for s in range(max(1, in_d // d - 1), in_d // d + 3)
+    )
+    if d2 is None or in_d2 is None:
+        return single
+    return _follows(d, d2, in_d, in_d2) or (single and d2 == d)
+
+
+def _volume_grid(
+    grid: Shape, c: int, in_dhw: tuple[int, ...], other: tuple[Shape, int, tuple[int, ...]] | None
+) -> bool:
+    """Whether ``grid = (d, h, w)`` with ``c`` channels is a grid of a ``(D, H, W)`` input (module docstring);
+    ``other`` is ``((d2, h2, w2), c2, (D2, H2, W2))`` at the second input size, when the model took one."""
+    d, h, w = grid
+    if other is None:
+        return _depth_follows(d, in_dhw[0], None, None) and _grid_kind(h, w, c, in_dhw[1:], None)
+    (d2, h2, w2), c2, in2 = other
+    return _depth_follows(d, in_dhw[0], d2, in2[0]) and _grid_kind(h, w, c, in_dhw[1:], (h2, w2, c2, in2[1:]))
+
+
+def _volume_kind(
+    shape: Shape, type_name: str, in_dhw: tuple[int, ...], shape2: Shape | None, dhw2: tuple[int, ...] | None
+) -> Kind:
+    """The kind of an output of a volume model: ``volume`` for ``(B, C, d, h, w)``, ``volume_channels_last``
+    for ``(B, d, h, w, C)``, ``nonspatial`` for everything else (the type breaks a tie, as in 2-D)."""
+    if len(shape) != 5:
+        return "nonspatial", None, 0
+    _, a, b, c, e = shape
+    first = _volume_grid((b, c, e), a, in_dhw, None if shape2 is None else (shape2[2:], shape2[1], dhw2))
+    last = _volume_grid((a, b, c), e, in_dhw, None if shape2 is None else (shape2[1:4], shape2[4], dhw2))
+    if last and (not first or type_name in _CHANNELS_LAST_TYPES):
+        return ("volume_channels_last", (a, b, c), 0) if a * b * c > 1 else ("nonspatial", None, 0)
+    if first:
+        return ("volume", (b, c, e), 0) if b * c * e > 1 else ("nonspatial", (1, 1, 1), 0)
+    return "nonspatial", None, 0
+
+
+def as_map(m: Tensor, layer: Layer) -> Tensor:
+    """A method's map ``(B, h, w)`` in the layer's own grid: ``(B, d, h, w)`` for a volume layer (whose
+    methods saw ``(B, C, d * h, w)``, see :func:`as_bchw`), unchanged otherwise."""
+    if layer.map_size is not None and len(layer.map_size) == 3:
+        return m.reshape(m.shape[0], *layer.map_size)
+    return m
+
+
 def as_bchw(t: Tensor, layer: Layer) -> Tensor:
-    """Reshape a layer's output (or its gradient) to ``(B, C, h, w)`` by the layer's kind (a view if possible)."""
+    """Reshape a layer's output (or its gradient) to ``(B, C, h, w)`` by the layer's kind (a view if possible).
+
+    A volume layer's ``(B, C, d, h, w)`` becomes ``(B, C, d * h, w)``: its positions in the same order, so a
+    method that pools over positions or works position by position computes the volume's map exactly, and
+    :func:`as_map` reshapes the ``(B, d * h, w)`` result to ``(B, d, h, w)``.
+    """
     if layer.kind == "spatial":
         return t
+    if layer.kind in VOLUME_KINDS:
+        if layer.kind == "volume_channels_last":
+            t = t.permute(0, 4, 1, 2, 3)
+        d, h, w = layer.map_size
+        return t.reshape(t.shape[0], t.shape[1], d * h, w)
     if layer.kind == "channels_last":
         return t.permute(0, 3, 1, 2)
     if layer.kind == "token":
         h, w = layer.map_size
         grid = t[:, layer.prefix_tokens :, :]
         return grid.reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
-    if layer.map_size == (1, 1):  # a vector (B, C) or a 1x1 map, read as (B, C, 1, 1)
+    if layer.map_size in ((1, 1), (1, 1, 1)):  # a vector (B, C) or a 1x1 map, read as (B, C, 1, 1)
         return t.reshape(t.shape[0], t.shape[1], 1, 1)
     raise LayerSelectionError(
         f"layer {layer.name!r} is non-spatial (output shape {list(layer.shape)}) and has no map"
@@ -281,7 +366,8 @@ class LayerTracker:
         self.known = {layer.name: layer for layer in known}
         self.names = {m: n for n, m in model.named_modules() if n}
         self.batch = x.shape[0]
-        self.in_hw = (x.shape[-2], x.shape[-1])
+        # the input's grid: (H, W), or (D, H, W) for a volume or clip (B, C, D, H, W)
+        self.in_hw = tuple(x.shape[-3:]) if x.dim() == 5 else (x.shape[-2], x.shape[-1])
         self.prefix = getattr(model, "num_prefix_tokens", None)
         self.prefix = self.prefix if isinstance(self.prefix, int) else None
         self.calls: dict[str, int] = {}
@@ -361,7 +447,8 @@ def list_layers(
 
     Args:
         model: the network. Its training flags are not changed (the dry run uses eval mode and restores).
-        x: an input tensor ``(B, 3, H, W)`` or its shape; only its shape, dtype and device matter.
+        x: an input tensor ``(B, 3, H, W)`` (a volume or clip: ``(B, C, D, H, W)``) or its shape; only its
+            shape, dtype and device matter.
         cache: reuse the enumeration of an earlier call with the same model and input shape.
 
     Returns:
@@ -433,10 +520,13 @@ def _dry_run(
 
 
 def _second_size(model: nn.Module, x: Tensor, modes: dict[nn.Module, bool]) -> dict[str, Probe]:
-    """Every layer's output shape at the second input size ``(H + PROBE_DH, W + PROBE_DW)``, by name; empty
-    when the model does not take that size (a fixed position embedding, windows that must tile the input)."""
+    """Every layer's output shape at the second input size ``(H + PROBE_DH, W + PROBE_DW)`` (for a volume or
+    clip ``(B, C, D, H, W)``: ``(D + PROBE_DD, H + PROBE_DH, W + PROBE_DW)``), by name; empty when the model
+    does not take that size (a fixed position embedding, windows that must tile the input)."""
     hw2 = (x.shape[-2] + PROBE_DH, x.shape[-1] + PROBE_DW)
-    x2 = torch.zeros((*x.shape[:-2], *hw2), dtype=x.dtype, device=x.device)
+    if x.dim() == 5:
+        hw2 = (x.shape[-3] + PROBE_DD, *hw2)
+    x2 = torch.zeros((*x.shape[: -len(hw2)], *hw2), dtype=x.dtype, device=x.device)
     tracker = LayerTracker(model, x2)
     shapes: dict[str, Probe] = {}
 
@@ -450,7 +540,8 @@ def _second_size(model: nn.Module, x: Tensor, modes: dict[nn.Module, bool]) -> d
         with torch.inference_mode(False), torch.no_grad():
             model(x2)
     except Exception as exc:  # noqa: BLE001 - any failure only means the model keeps one input size
-        logger.debug("the model does not take a %dx%d input (%s); layer kinds from one size", *hw2, exc)
+        size = "x".join(str(v) for v in hw2)
+        logger.debug("the model does not take a %s input (%s); layer kinds from one size", size, exc)
         return {}
     finally:
         for h in handles:

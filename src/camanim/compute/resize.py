@@ -1,4 +1,5 @@
-"""Resizing maps: bilinear, as ``torch.nn.functional.interpolate`` with ``align_corners=False``.
+"""Resizing maps: bilinear, as ``torch.nn.functional.interpolate`` with ``align_corners=False``; maps of a
+volume ``(d, h, w)`` are resized to a ``(D, H, W)`` size the same way in three dimensions (trilinear).
 
 Maps are resized to the input size for display and for ROAD's pixel ranking, and shrunk to a tile size for
 frames; every output value is a convex combination of input values, so a map stays inside the range it was
@@ -17,69 +18,81 @@ import torch.nn.functional as F
 __all__ = ["resize_map", "resize_maps", "shrink", "upsample_by_size"]
 
 
-def resize_maps(maps: Any, size: tuple[int, int]) -> Any:
-    """Bilinear resize of a stack of maps (``torch.nn.functional.interpolate``, ``align_corners=False``).
+#: The interpolation by the number of grid axes: maps ``(h, w)`` and volumes ``(d, h, w)``.
+MODES = {2: "bilinear", 3: "trilinear"}
+
+
+def resize_maps(maps: Any, size: tuple[int, ...]) -> Any:
+    """Bilinear resize of a stack of maps (``torch.nn.functional.interpolate``, ``align_corners=False``), or
+    trilinear of a stack of volume maps.
 
     Args:
-        maps: ``(N, h, w)`` NumPy array or torch tensor.
-        size: Target ``(H, W)`` in pixels.
+        maps: ``(N, h, w)`` (or ``(N, d, h, w)``) NumPy array or torch tensor.
+        size: Target ``(H, W)`` in pixels (``(D, H, W)`` in voxels for volume maps).
 
     Returns:
-        ``(N, H, W)`` float32, a NumPy array for NumPy input and a tensor (same device) for tensor input.
+        ``(N, H, W)`` (``(N, D, H, W)``) float32, a NumPy array for NumPy input and a tensor (same device) for
+        tensor input.
     """
     is_tensor = isinstance(maps, torch.Tensor)
     t = maps.detach() if is_tensor else torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-    if t.ndim != 3:
-        raise ValueError(f"maps must be (N, h, w), got {tuple(t.shape)}")
-    size = (int(size[0]), int(size[1]))
+    if len(size) not in MODES or t.ndim != len(size) + 1:
+        raise ValueError(f"maps must be (N, h, w) or (N, d, h, w) for a size of as many axes, got "
+                         f"{tuple(t.shape)} and size {tuple(size)}")  # fmt: skip
+    size = tuple(int(v) for v in size)
     t = t.to(torch.float32)
     if tuple(t.shape[1:]) != size:
-        t = torch.nn.functional.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        mode = MODES[len(size)]
+        t = torch.nn.functional.interpolate(t[:, None], size=size, mode=mode, align_corners=False)[:, 0]
     elif not is_tensor:
         t = t.clone()  # never hand back a view of the caller's array
     return t if is_tensor else t.numpy()
 
 
-def upsample_by_size(maps: Sequence[Any], size: tuple[int, int], *, relu: bool = False) -> np.ndarray:
-    """Bilinear resize of maps of mixed native sizes (one per layer), one :func:`resize_maps` call per size.
+def upsample_by_size(maps: Sequence[Any], size: tuple[int, ...], *, relu: bool = False) -> np.ndarray:
+    """Bilinear resize of maps of mixed native sizes (one per layer), one :func:`resize_maps` call per size;
+    trilinear for volume maps and a ``(D, H, W)`` size.
 
     Each output plane equals ``resize_maps`` of that plane alone (the interpolation is per plane).
 
     Args:
         maps: ``n`` torch tensors, each ``(h, w)`` or each ``(K, h, w)`` (the same ``K``); ``h, w`` may differ.
-        size: target ``(H, W)``.
+            With a 3-axis ``size``: each ``(d, h, w)`` or ``(K, d, h, w)``.
+        size: target ``(H, W)`` (or ``(D, H, W)``).
         relu: clamp at 0 before resizing.
 
     Returns:
-        ``(n, H, W)`` or ``(n, K, H, W)`` float32.
+        ``(n, H, W)`` or ``(n, K, H, W)`` float32 (``(n, D, H, W)`` or ``(n, K, D, H, W)``).
     """
-    lead = tuple(maps[0].shape[:-2]) if len(maps) else ()
-    out = np.empty((len(maps), *lead, int(size[0]), int(size[1])), np.float32)
+    axes = len(size)
+    lead = tuple(maps[0].shape[:-axes]) if len(maps) else ()
+    out = np.empty((len(maps), *lead, *(int(v) for v in size)), np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, m in enumerate(maps):
-        if tuple(m.shape[:-2]) != lead:
+        if tuple(m.shape[:-axes]) != lead:
             raise ValueError(f"maps must share their leading shape {lead}, got {tuple(m.shape)}")
         groups.setdefault(tuple(m.shape), []).append(k)
     for shape, ks in groups.items():
-        raw = torch.stack([maps[k] for k in ks]).reshape(-1, *shape[-2:])
+        raw = torch.stack([maps[k] for k in ks]).reshape(-1, *shape[-axes:])
         if relu:
             raw = raw.clamp_min(0)
         out[ks] = resize_maps(raw.float(), size).numpy().reshape(len(ks), *out.shape[1:])
     return out
 
 
-def resize_map(m: Any, size: tuple[int, int]) -> Any:
-    """Bilinear resize of one map; see :func:`resize_maps`.
+def resize_map(m: Any, size: tuple[int, ...]) -> Any:
+    """Bilinear resize of one map (trilinear of one volume map); see :func:`resize_maps`.
 
     Args:
-        m: ``(h, w)`` NumPy array or torch tensor.
-        size: Target ``(H, W)`` in pixels.
+        m: ``(h, w)`` (or ``(d, h, w)``) NumPy array or torch tensor.
+        size: Target ``(H, W)`` in pixels (``(D, H, W)`` in voxels).
 
     Returns:
-        ``(H, W)`` float32, of the same kind as ``m``.
+        ``(H, W)`` (``(D, H, W)``) float32, of the same kind as ``m``.
     """
-    if len(m.shape) != 2:
-        raise ValueError(f"map must be (h, w), got {tuple(m.shape)}; use resize_maps for (N, h, w)")
+    if len(m.shape) != len(size) or len(size) not in MODES:
+        raise ValueError(f"map must be (h, w) or (d, h, w) as its size, got {tuple(m.shape)} and {tuple(size)}; "
+                         "use resize_maps for (N, h, w)")  # fmt: skip
     return resize_maps(m[None], size)[0]
 
 

@@ -8,7 +8,8 @@ at its final map. Each frame shows the map twice (paper, "Global- vs. Local-Leve
   most strongly?), so only the layer holding the network-wide maximum reaches the top colour; optionally
   **global-all**, one range across all methods.
 
-Both start from the method's raw map after its ReLU, bilinearly upsampled to the input size, exactly as
+Both start from the method's raw map after its ReLU, bilinearly upsampled to the input size (a volume's
+trilinearly to its ``(D, H, W)``, so both ranges span the whole volume), exactly as
 :meth:`camanim.explanation.Explanation.upsampled` computes it (the paper's code min-max scaled each layer
 before its "global" step, which made its global videos identical to its local ones).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ NORMS = ("local", "global", "global-all")
 LAYOUTS = ("side-by-side", "local", "global", "grid")
 #: Layers upsampled at once: bounds memory to ~25 MB per method at 224x224.
 CHUNK = 128
+#: ...and at most this many map values at once (a 96^3 volume's upsampled map is 3.5 MB: 7 at a time).
+CHUNK_VALUES = CHUNK * 224 * 224
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,9 @@ def _layer_stats(
     """Min, max, mean and flatness of every layer's upsampled map, a chunk of layers at a time."""
     out: list[LayerStats] = []
     n = len(layers)
-    for start in range(0, n, CHUNK):
-        pos = range(start, min(n, start + CHUNK))
+    chunk = max(1, min(CHUNK, CHUNK_VALUES // math.prod(ex.grid)))  # a volume's maps hold many more values
+    for start in range(0, n, chunk):
+        pos = range(start, min(n, start + chunk))
         stack = method_stack(ex, fusion, method, layers, pos, sample).reshape(len(pos), -1)
         lo, hi = stack.min(axis=1), stack.max(axis=1)
         mean = stack.mean(axis=1, dtype=np.float64)
@@ -307,10 +312,10 @@ def _upsampled_stack(
     ``ex.upsampled(method, layer)[sample]`` exactly (same interpolation, one plane at a time).
 
     Returns:
-        ``(n, H_in, W_in)`` float32.
+        ``(n, H_in, W_in)`` float32; for a volume ``(n, D_in, H_in, W_in)``, trilinearly.
     """
     maps = [ex.maps[method][layers[p].name][sample] for p in positions]
-    return upsample_by_size(maps, tuple(ex.input.shape[-2:]), relu=method_class(method).relu)
+    return upsample_by_size(maps, ex.grid, relu=method_class(method).relu)
 
 
 def method_stack(
@@ -325,7 +330,7 @@ def method_stack(
     input size, ``(n, H_in, W_in)`` float32 in the method's raw units; with ``fusion`` the fused maps
     ``(n, K, H_in, W_in)`` (:func:`fused_stack`)."""
     if fusion is not None:
-        return fused_stack(fusion, [layers[p].name for p in positions], tuple(ex.input.shape[-2:]))
+        return fused_stack(fusion, [layers[p].name for p in positions], ex.grid)
     return _upsampled_stack(ex, method, layers, positions, sample)
 
 

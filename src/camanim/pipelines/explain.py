@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -30,13 +29,14 @@ from camanim.compute.images import LoadedImage, load_image
 from camanim.compute.layers import (
     Layer,
     LayerSpec,
+    as_map,
     default_layers,
     list_layers,
     model_errors,
     select_layers,
     split_spec,
 )
-from camanim.compute.methods import get_method, method_class, parse_methods
+from camanim.compute.methods import get_method, list_methods, method_class, parse_methods
 from camanim.compute.methods.base import LayerTensors, compute_maps, rounding_noise
 from camanim.compute.methods.passes import PassContext, run_multi_pass
 from camanim.compute.methods.perturbation import run_per_channel
@@ -51,7 +51,9 @@ from camanim.compute.models import (
     parse_input_size,
     wrap_model,
 )
+from camanim.compute.resize import resize_maps
 from camanim.compute.targets import TARGET_KINDS, resolve_class
+from camanim.compute.volume_maps import as_volume_batch, is_volume_array, volume_display, window_bounds
 from camanim.errors import (
     ImageError,
     LayerNotFoundError,
@@ -60,6 +62,11 @@ from camanim.errors import (
     TargetError,
     UnknownNameError,
 )
+
+try:  # the volume loaders (NIfTI, DICOM, npy, video) make a loaded volume into the model's input
+    from camanim.compute.volumes import volume_tensor
+except ImportError:  # not there yet: a loaded volume's array is given to the model as it is
+    volume_tensor = None
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +91,11 @@ class Explanation:
     Attributes:
         model_name: the model's name; ``weights`` where its weights came from.
         preprocessing: how the image became ``input`` (a :class:`~camanim.models.Preprocessing`).
-        input: the exact tensor given to the model, ``(B, 3, H, W)`` float32 on the CPU.
-        display: the resized picture the model saw, ``(B, H, W, 3)`` uint8, for overlays.
+        input: the exact tensor given to the model, ``(B, 3, H, W)`` float32 on the CPU; for a volume or clip
+            ``(B, C, D, H, W)``.
+        display: the resized picture the model saw, ``(B, H, W, 3)`` uint8, for overlays; for a volume the
+            volume itself, ``(B, D, H, W, 3)`` uint8 (grey, or a clip's colours: see
+            :func:`camanim.compute.volume_maps.volume_display`).
         probabilities: softmax of the model output, ``(B, K)``.
         targets: the explained class per sample; ``target_names`` their names.
         class_names: names of all ``K`` classes.
@@ -93,14 +103,15 @@ class Explanation:
         chosen: the layers explained, in execution order.
         methods: method names, in the order asked.
         maps: ``maps[method][layer name]`` is the raw map ``(B, h, w)`` float32 on the CPU, at feature-map
-            resolution, before ReLU and before any normalisation.
+            resolution, before ReLU and before any normalisation; ``(B, d, h, w)`` at a volume layer.
         flags: ``flags[method][layer name]`` lists conditions of that map: ``"flat"`` (constant, including
             all zero), ``"zero"`` (all zero), ``"no_gradient"`` (no path from the layer to the target),
             ``"zero_gradient"`` (a path, but the gradient is zero at every position), ``"cancelled"`` (a sum of
             signed terms below the rounding level of its terms, zero by invariance before a LayerNorm:
             shown as zero; :func:`camanim.compute.methods.base.rounding_noise`), ``"nonfinite"`` (NaN/inf
             replaced by 0).
-        image_info: where the image came from (source, original size and mode, conversions).
+        image_info: where the image came from (source, original size and mode, conversions); for a volume,
+            ``image_info["volume"]`` holds its ``spacing`` (mm, ``(z, y, x)``; None when unknown) and ``shape``.
         timings: seconds per stage.
         logits: the raw model output ``(B, K)`` on the CPU (None for an explanation read back from a bundle).
         output: how the class scores ``(B, K)`` were read from what the network returned.
@@ -151,19 +162,29 @@ class Explanation:
             name, [layer.name for layer in self.chosen], "not among the explained layers"
         )
 
+    @property
+    def is_volume(self) -> bool:
+        """Whether the input is a volume or clip ``(B, C, D, H, W)`` (its maps are ``(B, d, h, w)``)."""
+        return self.input.dim() == 5
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The input's grid: ``(H, W)`` in pixels, or ``(D, H, W)`` in voxels (frames) for a volume."""
+        return tuple(int(v) for v in self.input.shape[2:])
+
     def raw(self, method: str, layer: str) -> Tensor:
-        """The raw map ``(B, h, w)`` of ``method`` at ``layer``."""
+        """The raw map ``(B, h, w)`` (``(B, d, h, w)`` at a volume layer) of ``method`` at ``layer``."""
         return self.maps[method][layer]
 
     def upsampled(
-        self, method: str, layer: str, *, relu: bool = True, size: tuple[int, int] | None = None
+        self, method: str, layer: str, *, relu: bool = True, size: tuple[int, ...] | None = None
     ) -> Tensor:
-        """The map after the method's ReLU, bilinearly upsampled to the input size: ``(B, H, W)``, unnormalised."""
+        """The map after the method's ReLU, bilinearly upsampled to the input size: ``(B, H, W)``, unnormalised;
+        for a volume trilinearly to ``(B, D, H, W)`` (:func:`camanim.compute.resize.resize_maps`)."""
         m = self.maps[method][layer]
         if relu and get_method(method).relu:
             m = m.clamp_min(0)
-        size = size or tuple(self.input.shape[-2:])
-        return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return resize_maps(m, size or self.grid)
 
     def top(self, k: int = 5, sample: int = 0) -> list[tuple[int, str, float]]:
         """The ``k`` most probable classes of ``sample`` as ``(index, name, probability)``."""
@@ -210,8 +231,11 @@ def prepare_input(
     ``input_size`` (images only) overrides the model's input size: ``N``, ``(H, W)``, ``"HxW"`` or
     ``"native"`` (the image's own size, no resizing: the CAManim paper's advice for images where detail
     matters, such as medical ones); the info records it, and the preprocessing used under
-    ``"preprocessing"``.
+    ``"preprocessing"``. Volumes and clips go through :func:`prepare_volume`.
     """
+    volume = prepare_volume(image, lm, input_size)
+    if volume is not None:
+        return volume
     prep = lm.preprocessing
     if isinstance(image, Tensor):
         if parse_input_size(input_size) is not None:
@@ -251,6 +275,44 @@ def prepare_input(
     info["input_size"] = _size_label(input_size, prep)
     info["preprocessing"] = prep.to_dict()
     return torch.stack(tensors), np.stack(displays), info
+
+
+def prepare_volume(
+    image: Any, lm: LoadedModel, input_size: InputSize = None
+) -> tuple[Tensor, np.ndarray, dict] | None:
+    """``(input (B, C, D, H, W), display (B, D, H, W, 3) uint8, image info)`` when ``image`` is a volume or a
+    clip, else None (a picture, for :func:`prepare_input`).
+
+    A volume is a tensor ``(B, C, D, H, W)`` used as it is (already preprocessed); a NumPy array ``(C, D, H,
+    W)``, or ``(D, H, W)`` (see :func:`~camanim.compute.volume_maps.is_volume_array`), given to the model as
+    float32 values; or a loaded volume (an object with ``array`` ``(D, H, W)`` or ``(C, D, H, W)``,
+    ``spacing`` in mm ``(z, y, x)``, ``window`` ``(center, width)`` or None, ``source`` and ``info``), made
+    into the model's input by ``volume_tensor`` where :mod:`camanim.compute.volumes` provides it, else taken
+    as its array. The window scales the grey display; ``image_info["volume"]`` records spacing and shape.
+    """
+    volume_model = lm.preprocessing.depth is not None
+    spacing = window = None
+    info: dict[str, Any]
+    if isinstance(image, Tensor) and image.dim() == 5:
+        x, info = image.detach().float().cpu(), {"source": "tensor"}
+    elif isinstance(image, np.ndarray) and is_volume_array(image, volume_model):
+        x, info = as_volume_batch(image), {"source": "array"}
+    elif hasattr(image, "array") and hasattr(image, "spacing"):
+        spacing, window = tuple(float(v) for v in image.spacing), getattr(image, "window", None)
+        x = as_volume_batch(volume_tensor(image, None) if volume_tensor is not None else image.array)
+        info = {"source": str(getattr(image, "source", "volume")), **dict(getattr(image, "info", None) or {})}
+    else:
+        return None
+    if input_size is not None:
+        raise OptionError("input_size resizes pictures; a volume is used at its own size (D, H, W)")
+    prep = lm.preprocessing
+    bounds = window_bounds(window) if window is not None and volume_tensor is None else None
+    display = volume_display(x, prep.mean, prep.std, bounds)
+    info["shape"] = list(x.shape)
+    info["volume"] = {"spacing": list(spacing) if spacing else None, "shape": list(x.shape[2:])}
+    if window is not None:
+        info["volume"]["window"] = [float(v) for v in window]
+    return x, display, info
 
 
 def _size_label(input_size: InputSize, prep: Preprocessing) -> str:
@@ -372,6 +434,8 @@ def explain(
     if score not in TARGET_KINDS:
         raise UnknownNameError("score", score, TARGET_KINDS)
     x, display, image_info = prepare_input(image, lm, input_size)
+    if x.dim() == 5:
+        _check_volume_methods(names, bases)
     x = x.to(dev)
     preprocessing = Preprocessing(**_tuples(image_info.pop("preprocessing", lm.preprocessing.to_dict())))
     timings = {"load": time.perf_counter() - t0}
@@ -458,10 +522,13 @@ def explain(
                 continue
             m = computed.get(n)
             if m is None:  # a gradient method at a layer the gradient never reached
-                per_pass[k] = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
+                blank = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
+                per_pass[k] = as_map(blank, layer)
                 flags[n][layer.name] = ("no_gradient", "flat", "zero")
                 continue
-            per_pass[k] = m.detach()  # NaN/inf are replaced (and flagged) on the way to the CPU
+            per_pass[k] = as_map(
+                m.detach(), layer
+            )  # NaN/inf are replaced (and flagged) on the way to the CPU
             flags[n].setdefault(layer.name, ())
 
     lazy_target = task or _LazyTarget(classes, score, top_k=top_k, specs=specs, names=lambda: lm.class_names)
@@ -659,6 +726,16 @@ def _aug_smoothed(
     )
 
 
+def _check_volume_methods(names: Sequence[str], bases: Mapping[str, Any]) -> None:
+    """Refuse, for a volume input, the methods not defined for volumes (``CAMMethod.volumes``)."""
+    bad = [n for n in (*names, *bases) if not method_class(n).volumes]
+    if bad:
+        raise OptionError(
+            f"{', '.join(bad)}: not defined for volumes (their rule uses the 2-D grid or passes of their own); "
+            f"methods for volumes: {', '.join(list_methods(volumes=True))}"
+        )
+
+
 def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
@@ -791,7 +868,11 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         "chosen_layers": [layer.name for layer in ex.chosen],
         "passed_over": [{"index": la.index, "name": la.name, "reason": r} for la, r in ex.passed_over],
         "methods": [method_info(n) for n in ex.methods],
-        "maps": {"file": "maps.npz", "key": "<method>/<layer name>", "shape": "(B, h, w) raw, before ReLU"},
+        "maps": {
+            "file": "maps.npz",
+            "key": "<method>/<layer name>",
+            "shape": "(B, d, h, w) raw, before ReLU" if ex.is_volume else "(B, h, w) raw, before ReLU",
+        },
         "flags": {m: {k: list(v) for k, v in f.items() if v} for m, f in ex.flags.items()},
         "timings": dict(ex.timings),
     }

@@ -28,6 +28,7 @@ class FEM(CAMMethod):
     """
 
     paper = "Fuad et al., Features understanding in 3D CNNs for actions recognition in video, IPTA 2020"
+    volumes = True
     needs_gradients = False
     class_discriminative = False
 

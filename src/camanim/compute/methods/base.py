@@ -70,6 +70,12 @@ class CAMMethod:
         passes: the forward and backward passes it needs for ``N`` layers, in words (``camanim explain
             --help`` and the README show it); empty for the default of its cost class (:func:`pass_summary`).
         relu: whether the displayed map is the raw map after ReLU (true for every method here, as in grad-cam).
+        volumes: whether the method is defined for volume layers ``(B, C, d, h, w)``. A volume layer reaches
+            :meth:`raw_map` as ``(B, C, d * h, w)`` (:func:`camanim.compute.layers.as_bchw`), which gives the
+            volume's map exactly for a rule that pools over all positions or works position by position
+            (channel weights from sums or means over positions, products ``G * A``, principal components of
+            the per-position vectors); methods whose rule uses the grid itself (upsampling to the input,
+            masks, neighbourhoods) or extra passes leave it false and are refused for volumes.
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +85,7 @@ class CAMMethod:
     cost: ClassVar[str] = "one_pass"
     passes: ClassVar[str] = ""
     relu: ClassVar[bool] = True
+    volumes: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -249,15 +256,18 @@ def _family_rank(cls: type[CAMMethod]) -> int:
     return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
 
 
-def list_methods(*, one_pass: bool | None = None, needs_gradients: bool | None = None) -> list[str]:
+def list_methods(
+    *, one_pass: bool | None = None, needs_gradients: bool | None = None, volumes: bool | None = None
+) -> list[str]:
     """Registered method names, family by family (:data:`FAMILY_ORDER`) and in registration order within a
-    family, optionally filtered by capability."""
+    family, optionally filtered by capability (``volumes``: defined for volume layers)."""
     ordered = sorted(_REGISTRY.items(), key=lambda item: _family_rank(item[1]))  # stable within a family
     return [
         n
         for n, cls in ordered
         if (one_pass is None or (cls.cost == "one_pass") == one_pass)
         and (needs_gradients is None or cls.needs_gradients == needs_gradients)
+        and (volumes is None or cls.volumes == volumes)
     ]
 
 

@@ -14,6 +14,7 @@ class EigenCAM(CAMMethod):
     """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): first principal component of ``A``; no gradient."""
 
     paper = "Muhammad and Yeasin, Eigen-CAM, IJCNN 2020"
+    volumes = True
     needs_gradients = False
     class_discriminative = False
 
@@ -26,6 +27,7 @@ class EigenGradCAM(CAMMethod):
     """EigenGrad-CAM (grad-cam package): first principal component of ``G * A``; class-discriminative."""
 
     paper = "pytorch-grad-cam's EigenGradCAM"
+    volumes = True
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return first_component_projection(t.grads_times_acts)

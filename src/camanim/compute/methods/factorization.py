@@ -56,6 +56,7 @@ class SegEigenCAM(CAMMethod):
     """
 
     paper = "Chung and Ying, Seg-Eigen-CAM, Applied Sciences 15(13) 7562, 2025"
+    volumes = True
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return sign_corrected(first_component_projection(t.grads.abs() * t.acts))
@@ -167,6 +168,7 @@ class KPCACAM(CAMMethod):
     needs_gradients = False
     class_discriminative = False
     cost = "one_pass_quadratic"
+    volumes = True
     passes = "the shared capture (1 forward for all N layers); an (h*w)^2 kernel per layer and image"
 
     def raw_map(self, t: LayerTensors) -> Tensor:

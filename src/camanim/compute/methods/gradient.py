@@ -26,6 +26,7 @@ class GradCAM(CAMMethod):
     """
 
     paper = "Selvaraju et al., Grad-CAM, ICCV 2017"
+    volumes = True
 
     def channel_weights(self, t: LayerTensors) -> Tensor:
         return t.grads.mean(dim=(2, 3))
@@ -40,6 +41,7 @@ class HiResCAM(CAMMethod):
     """
 
     paper = "Draelos and Carin, HiResCAM, arXiv:2011.08891"
+    volumes = True
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return t.grads_times_acts.sum(dim=1)
@@ -57,6 +59,7 @@ class GradCAMElementWise(CAMMethod):
     """Element-wise Grad-CAM (grad-cam package): map ``= sum_c ReLU(G_c * A_c)``."""
 
     paper = "pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.)"
+    volumes = True
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return t.grads_times_acts.clamp_min(0).sum(dim=1)
@@ -74,6 +77,7 @@ class GradCAMPlusPlus(CAMMethod):
     """
 
     paper = "Chattopadhay et al., Grad-CAM++, WACV 2018"
+    volumes = True
 
     def channel_weights(self, t: LayerTensors) -> Tensor:
         g = t.grads
@@ -89,6 +93,7 @@ class XGradCAM(CAMMethod):
     """XGrad-CAM (Fu et al., BMVC 2020): ``w_c = sum_{ij} G_cij A_cij / (sum_{ij} A_cij + 1e-7)``."""
 
     paper = "Fu et al., Axiom-based Grad-CAM, BMVC 2020"
+    volumes = True
 
     def channel_weights(self, t: LayerTensors) -> Tensor:
         # The denominator is constant per channel, so it comes out of the spatial sum.
@@ -100,6 +105,7 @@ class LayerCAM(CAMMethod):
     """LayerCAM (Jiang et al., TIP 2021): map ``= sum_c ReLU(G_c) * A_c``."""
 
     paper = "Jiang et al., LayerCAM, IEEE TIP 2021"
+    volumes = True
 
     def raw_map(self, t: LayerTensors) -> Tensor:
         return (t.grads.clamp_min(0) * t.acts).sum(dim=1)
@@ -118,6 +124,7 @@ class RandomCAM(CAMMethod):
     """
 
     paper = "baseline (pytorch-grad-cam's RandomCAM)"
+    volumes = True
     needs_gradients = False
     class_discriminative = False
 
