@@ -28,10 +28,11 @@ from camanim.compute.layers import as_bchw, as_map, classify_shape, list_layers
 from camanim.compute.methods import list_methods
 from camanim.compute.methods.gradient import GradCAM
 from camanim.compute.metrics.imputers3d import NoisyLinearImputer3D, assemble_system_3d
+from camanim.compute.models import load_model
 from camanim.compute.normalize import global_range, local_ranges
 from camanim.compute.resize import resize_maps, upsample_by_size
 from camanim.compute.volume_maps import volume_display
-from camanim.errors import OptionError
+from camanim.errors import OptionError, WeightsError
 
 gradcam_pkg = pytest.importorskip("pytorch_grad_cam", reason="the grad-cam package is not installed")
 pytest.importorskip("cv2", reason="grad-cam needs OpenCV (cv2)")
@@ -346,3 +347,19 @@ def test_3d_imputer_matches_spsolve(fraction: float) -> None:
     )
     np.testing.assert_allclose(ours[0].numpy(), ref, atol=1e-4)
     assert (ours[0].numpy()[:, ~mask] == image[:, ~mask]).all()
+
+
+# ------------------------------------------------------------------------------------- models by name
+
+
+def test_video_and_monai_models_by_name() -> None:
+    lm = load_model("r3d_18", "none")
+    assert lm.preprocessing.input_shape() == (1, 3, 16, 112, 112)
+    assert lm.name == "torchvision:r3d_18" and len(lm.labels) == 400  # Kinetics-400 names
+    assert lm.preprocessing.to_dict()["depth"] == 16
+    pytest.importorskip("monai", reason="MONAI (camanim[volume]) is not installed")
+    with pytest.raises(WeightsError, match="no pretrained weights"):
+        load_model("monai:DenseNet121")
+    net = load_model("monai:resnet18", "none", num_classes=3)
+    assert net.preprocessing.input_shape((16, 16)) == (1, 1, 96, 16, 16)
+    assert net.module.fc.out_features == 3 and net.module.conv1.in_channels == 1

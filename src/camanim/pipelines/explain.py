@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from camanim.compute import volumes
 from camanim.compute.capture import capture, frozen_eval
 from camanim.compute.images import LoadedImage, load_image
 from camanim.compute.layers import (
@@ -53,7 +54,7 @@ from camanim.compute.models import (
 )
 from camanim.compute.resize import resize_maps
 from camanim.compute.targets import TARGET_KINDS, resolve_class
-from camanim.compute.volume_maps import as_volume_batch, is_volume_array, volume_display, window_bounds
+from camanim.compute.volume_maps import as_volume_batch, is_volume_array, volume_display
 from camanim.errors import (
     ImageError,
     LayerNotFoundError,
@@ -62,11 +63,6 @@ from camanim.errors import (
     TargetError,
     UnknownNameError,
 )
-
-try:  # the volume loaders (NIfTI, DICOM, npy, video) make a loaded volume into the model's input
-    from camanim.compute.volumes import volume_tensor
-except ImportError:  # not there yet: a loaded volume's array is given to the model as it is
-    volume_tensor = None
 
 logger = logging.getLogger(__name__)
 
@@ -285,33 +281,40 @@ def prepare_volume(
 
     A volume is a tensor ``(B, C, D, H, W)`` used as it is (already preprocessed); a NumPy array ``(C, D, H,
     W)``, or ``(D, H, W)`` (see :func:`~camanim.compute.volume_maps.is_volume_array`), given to the model as
-    float32 values; or a loaded volume (an object with ``array`` ``(D, H, W)`` or ``(C, D, H, W)``,
-    ``spacing`` in mm ``(z, y, x)``, ``window`` ``(center, width)`` or None, ``source`` and ``info``), made
-    into the model's input by ``volume_tensor`` where :mod:`camanim.compute.volumes` provides it, else taken
-    as its array. The window scales the grey display; ``image_info["volume"]`` records spacing and shape.
+    float32 values; or a :class:`~camanim.compute.volumes.LoadedVolume`, made into the model's input by
+    :func:`~camanim.compute.volumes.volume_tensor` at its own grid (windowed or scaled to ``[0, 1]``; with the
+    channels of a volume model named by :func:`~camanim.compute.models.load_model`, and a video model's mean
+    and standard deviation for a clip) and shown by :func:`~camanim.compute.volumes.volume_display`.
+    ``image_info["volume"]`` records the spacing (mm, ``(z, y, x)``; None when unknown) and the grid.
     """
-    volume_model = lm.preprocessing.depth is not None
-    spacing = window = None
-    info: dict[str, Any]
-    if isinstance(image, Tensor) and image.dim() == 5:
-        x, info = image.detach().float().cpu(), {"source": "tensor"}
-    elif isinstance(image, np.ndarray) and is_volume_array(image, volume_model):
-        x, info = as_volume_batch(image), {"source": "array"}
-    elif hasattr(image, "array") and hasattr(image, "spacing"):
-        spacing, window = tuple(float(v) for v in image.spacing), getattr(image, "window", None)
-        x = as_volume_batch(volume_tensor(image, None) if volume_tensor is not None else image.array)
-        info = {"source": str(getattr(image, "source", "volume")), **dict(getattr(image, "info", None) or {})}
+    prep = lm.preprocessing
+    named = (
+        prep.depth is not None
+    )  # a volume or video model by name: its channels and normalisation are known
+    if isinstance(image, volumes.LoadedVolume):
+        video = named and image.is_video and len(prep.mean) == 3
+        x = volumes.volume_tensor(
+            image,
+            None,
+            len(prep.mean) if named else None,
+            mean=prep.mean if video else None,
+            std=prep.std if video else None,
+        )
+        display = volumes.volume_display(image, None)[None]
+        info = image.describe()
+        spacing: list[float] | None = [float(v) for v in image.spacing]
+    elif isinstance(image, Tensor) and image.dim() == 5:
+        x = image.detach().float().cpu()
+        display, info, spacing = volume_display(x, prep.mean, prep.std), {"source": "tensor"}, None
+    elif isinstance(image, np.ndarray) and is_volume_array(image, named):
+        x = as_volume_batch(image)
+        display, info, spacing = volume_display(x), {"source": "array"}, None
     else:
         return None
     if input_size is not None:
-        raise OptionError("input_size resizes pictures; a volume is used at its own size (D, H, W)")
-    prep = lm.preprocessing
-    bounds = window_bounds(window) if window is not None and volume_tensor is None else None
-    display = volume_display(x, prep.mean, prep.std, bounds)
+        raise OptionError("input_size resizes pictures; a volume is used at its own grid (D, H, W)")
     info["shape"] = list(x.shape)
-    info["volume"] = {"spacing": list(spacing) if spacing else None, "shape": list(x.shape[2:])}
-    if window is not None:
-        info["volume"]["window"] = [float(v) for v in window]
+    info["volume"] = {"spacing": spacing, "shape": list(x.shape[2:])}
     return x, display, info
 
 
