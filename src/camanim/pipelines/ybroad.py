@@ -452,6 +452,10 @@ def ybroad(
     timings = {"explain": time.perf_counter() - t0}
     if ex.input.shape[0] != 1:
         raise RoadError(f"ybROAD scores one image; the explanation holds a batch of {ex.input.shape[0]}")
+    if ex.input.dim() == 5:  # the 3-D imputer exists (compute.metrics.imputers3d); the engine ranks pixels
+        raise RoadError(
+            "ROAD and ybROAD are not supported for volumes yet (the perturbation ranks 2-D pixels)"
+        )
     x = ex.input[0]
     space = imputation_space
     if space == "pixel" and x.shape[0] != 3:
