@@ -225,7 +225,7 @@ def readout(target: Callable[[Any], Tensor], output: Any, n: int) -> Tensor:
     after its output selector): the same thing it saw when the maps were computed.
 
     Raises:
-        MetricError: the callable returned something else than one finite-or-not number per image.
+        MetricError: the callable returned something else than one number per image.
     """
     s = target(output)
     if not isinstance(s, Tensor) or s.reshape(-1).shape[0] != n:
