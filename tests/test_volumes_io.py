@@ -20,7 +20,6 @@ import torch
 from camanim.cli import main
 from camanim.compute.layers import Layer
 from camanim.compute.models import Preprocessing
-from camanim.compute.normalize import Range
 from camanim.compute.volumes import (
     WINDOW_PRESETS,
     LoadedVolume,
@@ -41,7 +40,7 @@ from camanim.outputs.volume_frames import (
     upsample_volume,
     view_image,
 )
-from camanim.pipelines.animate import Animation, LayerStats, tile_size
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import Explanation
 
 CHROMIUM = os.environ.get("CAMANIM_CHROMIUM", "/usr/bin/chromium")
@@ -308,18 +307,13 @@ def _volume_explanation(
 
 
 def _animation(ex: Explanation, style=None) -> Animation:
-    """The animation of ``ex`` with its ranges over the whole volume (trilinear upsampling to the grid)."""
+    """The animation of ``ex``; its ranges are over the whole volume (checked against a trilinear upsampling)."""
+    anim = Animation.from_explanation(ex, style=style)
     grid = tuple(ex.input.shape[-3:])
-    stats = {}
-    for m in ex.methods:
-        ups = [upsample_volume(ex.maps[m][la.name][0], grid) for la in ex.chosen]
-        stats[m] = tuple(LayerStats(float(u.min()), float(u.max()), float(u.mean()), False) for u in ups)
-    g = {m: Range(min(s.min for s in st), max(s.max for s in st)) for m, st in stats.items()}
-    return Animation(
-        explanation=ex, methods=ex.methods, layers=ex.chosen, skipped=(), norms=("local", "global"),
-        layouts=("side-by-side",), cmap="jet", size=tile_size(None, grid[1:]), sample=0, alpha=0.5, stats=stats,
-        global_ranges=g, global_all=g["gradcam"], fps=2, style=style, request={"model": "tiny3d"},
-    )  # fmt: skip
+    for p, la in enumerate(ex.chosen):
+        up = upsample_volume(ex.maps["gradcam"][la.name][0], grid)
+        assert anim.range_for("gradcam", "local", p).high == pytest.approx(float(up.max()), rel=1e-5)
+    return anim
 
 
 def test_animation_slices_default_to_the_final_peak_and_write_a_bundle(tmp_path: Path) -> None:
