@@ -121,8 +121,9 @@ def run_child(op: str, args: argparse.Namespace) -> dict:
 
 
 def versions() -> dict:
+    import importlib.metadata
+
     import monai
-    import pytorch_grad_cam
     import torch
 
     import camanim
@@ -130,7 +131,7 @@ def versions() -> dict:
     return {
         "torch": torch.__version__,
         "monai": monai.__version__,
-        "grad-cam": getattr(pytorch_grad_cam, "__version__", "1.5.x"),
+        "grad-cam": importlib.metadata.version("grad-cam"),
         "camanim": camanim.__version__,
     }
 
