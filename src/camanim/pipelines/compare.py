@@ -71,7 +71,9 @@ def select_conv_layers(
     """Pick layers among the convolution layers with :func:`camanim.layers.select_layers`.
 
     ``"first"``, ``"middle"``, ``"last"``, ``"all"``, an int N (the last N) and integer indices count
-    convolution layers; names and glob patterns pick among them too.
+    convolution layers; names and glob patterns pick among them too. A layer named exactly that is not a
+    convolution joins the pool (methods defined elsewhere: CAM at the layer the head pools, LeGrad at a
+    ViT's blocks).
 
     Args:
         model: the network the layers were listed from.
@@ -82,6 +84,11 @@ def select_conv_layers(
     if not pool:
         logger.warning("the model has no convolution layer; choosing among all spatial layers")
         pool = list(layers)
+    items = spec.split(",") if isinstance(spec, str) else spec if isinstance(spec, (list, tuple)) else ()
+    named = {item.strip() for item in items if isinstance(item, str)}
+    in_pool = {layer.name for layer in pool}
+    if named - in_pool:
+        pool = [layer for layer in layers if layer.name in in_pool or layer.name in named]  # forward order
     return select_layers(pool, spec, keep_duplicates=True)
 
 
