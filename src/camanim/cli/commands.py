@@ -16,7 +16,7 @@ import torch
 from camanim.cli.checks import is_best
 from camanim.cli.layerwise import best_layer_by
 from camanim.cli.options import method_kwargs
-from camanim.cli.tasks import check_scored, task_target
+from camanim.cli.tasks import check_scored, each_target, task_target
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -189,17 +189,19 @@ def cmd_animate(args: argparse.Namespace) -> int:
     road_result = None
     if getattr(args, "road", False):
         anim, road_result = _with_road(anim, lm, args, target)
-    path = anim.save(
-        out,
-        formats=getattr(args, "formats", "mp4"),
-        force=args.force,
-        resume=resume,
-        progress=not args.quiet and sys.stderr.isatty(),
-        command=" ".join(sys.argv),
-        also=None if road_result is None else _ybroad_writer(road_result),
-        finalize=_report_into,
-    )
-    logger.info("animated %d layers x %d methods into %s", len(anim), len(anim.methods), path)
+    for one, where in each_target(anim, out):  # K targets of a task (--each): a bundle each
+        path = one.save(
+            where,
+            formats=getattr(args, "formats", "mp4"),
+            force=args.force,
+            resume=resume,
+            progress=not args.quiet and sys.stderr.isatty(),
+            command=" ".join(sys.argv),
+            also=None if road_result is None else _ybroad_writer(road_result),
+            finalize=_report_into,
+        )
+        logger.info("animated %d layers x %d methods into %s", len(one), len(one.methods), path)
+    path = path if where == out else Path(out)
     if anim.fusion is not None:
         _print_fused(anim.fusion, path)
     else:

@@ -23,6 +23,7 @@ from camanim.compute.tasks import (
     SimilarityTarget,
 )
 from camanim.errors import OptionError
+from camanim.pipelines.animate import Animation
 from camanim.pipelines.explain import prepare_input
 
 TASKS = ("auto", "classification", "segmentation", "detection", "embedding", "multilabel", "regression")
@@ -35,9 +36,16 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=TASKS,
         help="auto (default: torchvision segmentation and detection models by name, else classification); "
-        "segmentation: --target CLASS over --region; detection: --box and --target LABEL, or --top-n; "
-        "embedding: cosine similarity to --reference; multilabel: --target LABELS (sigmoid); regression: "
-        "--target INDEX of the output",
+        "segmentation: --target CLASS[,CLASS...] over --region; detection: --box and --target LABEL, or "
+        "--top-n; embedding: cosine similarity to --reference; multilabel: --target LABEL[,LABEL...] "
+        "(sigmoid); regression: --target INDEX of the output",
+    )
+    g.add_argument(
+        "--each",
+        action="store_true",
+        help="multilabel, detection, segmentation: one target per label, box or class (one shared forward "
+        "pass, one backward pass each; explain keeps one map per target, animate writes one bundle per "
+        "target in OUT/target_<k>) instead of one summed score",
     )
     g.add_argument("--region", default=None, metavar="MASK.png|x1,y1,x2,y2", help="segmentation: the region")
     g.add_argument("--box", default=None, metavar="x1,y1,x2,y2[;...]", help="detection: the boxes to explain")
@@ -100,6 +108,14 @@ def resolve_task(args: argparse.Namespace) -> str:
         raise OptionError(f"--reference {args.reference!r} does not exist")
     if task in ("detection", "segmentation", "embedding", "regression") and getattr(args, "top_k", None):
         raise OptionError(f"--top-k ranks a classifier's classes; it does not apply to the task {task!r}")
+    if getattr(args, "each", False):
+        if task not in ("multilabel", "detection", "segmentation"):
+            raise OptionError(f"--each makes one target per label, box or class; not of the task {task!r}")
+        if getattr(args, "command", None) not in ("explain", "animate", "run"):
+            raise OptionError("--each (several targets) goes with explain and animate")
+        best = str(getattr(args, "layers", "all")).strip().lower() == "best"
+        if getattr(args, "road", False) or best:
+            raise OptionError("--road and --layers best score one target; --each makes several")
     return task
 
 
@@ -124,17 +140,20 @@ def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[L
     names = lm.labels or ()
     if task == "classification":
         return lm, None
+    each = bool(getattr(args, "each", False))
     if task == "segmentation":
-        category = resolve_class(args.target, names) if args.target is not None and names else args.target
-        if category is None:
-            raise OptionError("the segmentation task explains one class: give --target CLASS (index or name)")
+        if args.target is None:
+            raise OptionError("the segmentation task explains a class: give --target CLASS (index or name)")
+        given = [t.strip() for t in str(args.target).split(",")]
+        categories = [resolve_class(t, names) if names else int(t) for t in given]
         region = None
         if args.region and "," in args.region:
             region = _numbers(args.region, "--region")
         elif args.region:
             region = np.asarray(Image.open(args.region).convert("L")) > 127
         score = "probability" if args.score == "probability" else "logit"
-        return lm, SegmentationTarget(int(category), region, score=score)
+        category = categories[0] if len(categories) == 1 else categories
+        return lm, SegmentationTarget(category, region, score=score, each=each)
     if task == "detection":
         boxes = None if not args.box else [_numbers(b, "--box") for b in args.box.split(";")]
         labels = None
@@ -143,12 +162,14 @@ def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[L
             labels = [label] * (len(boxes) if boxes else 1)
             if boxes is None:
                 raise OptionError("--target LABEL of a detection goes with --box: the box of that label")
-        return lm, BoxScoreTarget(boxes, labels, iou_threshold=args.iou, top_n=args.top_n, names=names)
+        return lm, BoxScoreTarget(
+            boxes, labels, iou_threshold=args.iou, top_n=args.top_n, names=names, each=each
+        )
     if task == "multilabel":
         if args.target is None:
             raise OptionError("the multilabel task explains labels: give --target LABEL[,LABEL...]")
         labels = [resolve_class(t.strip(), names or lm.class_names) for t in str(args.target).split(",")]
-        return lm, MultiLabelTarget(labels, names or lm.class_names)
+        return lm, MultiLabelTarget(labels, names or lm.class_names, each=each)
     if task == "regression":
         return lm, RegressionTarget(None if args.target is None else int(args.target))
     tapped = (
@@ -157,6 +178,39 @@ def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[L
         else lm.with_output(None, "vector")
     )
     return tapped, SimilarityTarget(_reference(args, tapped), Path(str(args.reference)).name)
+
+
+def each_target(anim: Animation, out: Path) -> list[tuple[Animation, Path]]:
+    """The animation of each target and the bundle it goes to: for ``K`` targets of a task (``--each``), the
+    animation of row ``k`` (same methods, layers and settings, its own ranges) into ``out/target_<k>``; else
+    the animation itself into ``out``."""
+    ex = anim.explanation
+    if anim.fusion is not None or ex.task.get("kind", "classification") == "classification":
+        return [(anim, out)]
+    rows = int(ex.input.shape[0])
+    if rows == 1:
+        return [(anim, out)]
+    return [
+        (
+            anim
+            if k == anim.sample
+            else Animation.from_explanation(
+                ex,
+                methods=anim.methods,
+                norm=anim.norms,
+                layout=anim.layouts,
+                cmap=anim.cmap,
+                size=anim.size,
+                sample=k,
+                alpha=anim.alpha,
+                fps=anim.fps,
+                style=anim.style,
+                request=anim.request,
+            ),  # fmt: skip
+            Path(out) / f"target_{k}",
+        )
+        for k in range(rows)
+    ]
 
 
 def _reference(args: argparse.Namespace, lm: LoadedModel) -> torch.Tensor:

@@ -54,6 +54,7 @@ from camanim.compute.models import (
 )
 from camanim.compute.resize import resize_maps
 from camanim.compute.targets import TARGET_KINDS, resolve_class
+from camanim.compute.tasks import StackedTarget
 from camanim.compute.volume_maps import as_volume_batch, is_volume_array, volume_display
 from camanim.errors import (
     ImageError,
@@ -93,13 +94,15 @@ class Explanation:
             volume itself, ``(B, D, H, W, 3)`` uint8 (grey, or a clip's colours: see
             :func:`camanim.compute.volume_maps.volume_display`).
         probabilities: softmax of the model output, ``(B, K)``.
-        targets: the explained class per sample; ``target_names`` their names.
+        targets: the explained class per sample (per row: with ``top_k`` or ``K`` task targets the rows are the
+            ``K`` targets of the one image); ``target_names`` their names.
         class_names: names of all ``K`` classes.
         layers: every layer of the forward pass, in execution order.
         chosen: the layers explained, in execution order.
         methods: method names, in the order asked.
         maps: ``maps[method][layer name]`` is the raw map ``(B, h, w)`` float32 on the CPU, at feature-map
-            resolution, before ReLU and before any normalisation; ``(B, d, h, w)`` at a volume layer.
+            resolution, before ReLU and before any normalisation; ``(B, d, h, w)`` at a volume layer. With
+            ``top_k`` classes or ``K`` task targets of one image, ``B`` is ``K``: row ``k`` is target ``k``'s.
         flags: ``flags[method][layer name]`` lists conditions of that map: ``"flat"`` (constant, including
             all zero), ``"zero"`` (all zero), ``"no_gradient"`` (no path from the layer to the target),
             ``"zero_gradient"`` (a path, but the gradient is zero at every position), ``"cancelled"`` (a sum of
@@ -113,11 +116,12 @@ class Explanation:
         output: how the class scores ``(B, K)`` were read from what the network returned.
         task: what was explained (the manifest's ``target``): ``{"kind": "classification", ...}``, or a task
             target's description (segmentation, detection, embedding, multi-label, regression, custom). For
-            a task other than classification, ``probabilities`` holds the target's score ``(B, 1)``, and
-            ``class_names`` and ``target_names`` its label.
+            a task other than classification, ``probabilities`` holds each row's target score ``(B, 1)``,
+            ``targets`` is 0 for every row, ``class_names`` the task's label and ``target_names`` each row's
+            (for ``K`` targets, the target's :attr:`~camanim.compute.tasks.TaskTarget.target_labels`).
         regions: the region a segmentation score is taken over, ``(B, h, w)`` bool at the output's
-            resolution; None for other tasks.
-        boxes: per sample, the detections explained, ``(x1, y1, x2, y2, label)`` in input pixels; or None.
+            resolution (one per row); None for other tasks.
+        boxes: per row, the detections explained, ``(x1, y1, x2, y2, label)`` in input pixels; or None.
         extras: what a method computes beside its maps, by method (e.g. Deep Feature Factorization's concepts
             per layer, FullGrad's input term and single full map): see each method's ``extras``.
         passed_over: layers a sweep or ``"last"`` would have ended with but left out, with the reason: the
@@ -383,7 +387,11 @@ def explain(
             callable from the model's output to one score per sample ``(B,)``: a task target of
             :mod:`camanim.compute.tasks` (segmentation, detection, embedding similarity, multi-label,
             regression), which also says how to read the model's output, or one of your own, which sees
-            the output after the model's output selector (``output``).
+            the output after the model's output selector (``output``). A callable giving ``K`` scores per
+            sample ``(B, K)`` (a task target with ``each=True``, ``MultiLabelTarget(top_k=K)``), or a list of
+            callables (stacked by :class:`~camanim.compute.tasks.StackedTarget`), makes ``K`` targets of one
+            image: one forward pass, one backward pass each, the rows of every map the ``K`` targets (as
+            ``top_k``), named by ``target_names``.
         top_k: explain each of the top ``k`` classes of a single image (the batch axis then holds classes):
             the classes share the capture's forward, which ranks them, and get one backward pass each.
         score: what is differentiated: ``"logit"`` (default), ``"probability"`` or ``"sigmoid"``.
@@ -423,6 +431,8 @@ def explain(
     dev = lm.device
     if top_k is not None and target is not None:
         raise OptionError("top_k explains the K most probable classes and target one class: give one of them")
+    if _is_task_list(target):
+        target = StackedTarget(target)
     task = target if _is_task(target) else None
     if task is not None and hasattr(task, "expect"):
         lm = lm.with_output(
@@ -514,30 +524,34 @@ def explain(
         computed = compute_maps(todo, tensors, eigen_smooth=eigen_smooth)
         if bases and grad is not None:
             for b, m in compute_maps(bases, tensors, eigen_smooth=eigen_smooth).items():
-                base_parts[b].setdefault(layer.name, [None] * passes)[k] = m.detach()
+                _put(base_parts[b].setdefault(layer.name, []), k, m.detach())
         for n, noise in rounding_noise(todo, tensors, computed).items():
             computed[n] = computed[n].masked_fill(noise[:, None, None], 0.0)
             cancelled[n].add(layer.name)
         for n in instances:
-            per_pass = parts[n].setdefault(layer.name, [None] * passes)
+            per_pass = parts[n].setdefault(layer.name, [])
             if n in class_free and k > 0:
-                per_pass[k] = per_pass[0]
+                _put(per_pass, k, per_pass[0])
                 continue
             m = computed.get(n)
             if m is None:  # a gradient method at a layer the gradient never reached
                 blank = torch.zeros(value.shape[0], *value.shape[2:], device=value.device)
-                per_pass[k] = as_map(blank, layer)
+                _put(per_pass, k, as_map(blank, layer))
                 flags[n][layer.name] = ("no_gradient", "flat", "zero")
                 continue
-            per_pass[k] = as_map(
-                m.detach(), layer
-            )  # NaN/inf are replaced (and flagged) on the way to the CPU
+            # NaN/inf are replaced (and flagged) on the way to the CPU
+            _put(per_pass, k, as_map(m.detach(), layer))
             flags[n].setdefault(layer.name, ())
 
     lazy_target = task or _LazyTarget(classes, score, top_k=top_k, specs=specs, names=lambda: lm.class_names)
     t = time.perf_counter()
-    result = capture(net, x, lazy_target, want, consumer=consumer, gradients=need_grads)
+    checked = lazy_target if task is None else _OneImageIfSeveral(task)
+    result = capture(net, x, checked, want, consumer=consumer, gradients=need_grads)
     timings["capture"] = time.perf_counter() - t
+    if task is not None and result.scores.dim() == 2 and result.scores.shape[1] > 1:
+        # K task targets of one image: one backward pass each; the batch axis holds the targets from here on
+        passes = result.scores.shape[1]
+        display = np.repeat(display, passes, axis=0)
     if not result.chosen:
         raise LayerSelectionError(
             f"no layer of {lm.name} has a map to explain (no spatial layer was produced; see `camanim layers`)"
@@ -556,7 +570,7 @@ def explain(
     output = result.output
     if passes > 1:  # the batch axis holds the classes from here on
         x = x.expand(passes, *x.shape[1:]).contiguous()
-        output = output.expand(passes, *output.shape[1:])
+        output = output.expand(passes, *output.shape[1:]) if isinstance(output, Tensor) else output
         kept = {name: v.expand(passes, *v.shape[1:]) for name, v in kept.items()}
     if per_channel:
         t = time.perf_counter()
@@ -639,9 +653,12 @@ def explain(
     timings["methods_to_cpu"] = time.perf_counter() - t
     if task is not None:  # the target's score as the one "class" (see Explanation.task)
         label = str(getattr(task, "label", getattr(task, "__name__", "custom target")))
-        probs = result.scores.detach().float().reshape(-1, 1).cpu()
+        probs = result.scores.detach().float().reshape(-1, 1).cpu()  # (B, 1), or (K, 1) for K targets
         targets = (0,) * probs.shape[0]
         class_names = (label,)
+        row_names = tuple(str(v) for v in getattr(task, "target_labels", None) or ())
+        if len(row_names) != passes:
+            row_names = (label,) if passes == 1 else tuple(f"{label} [{k}]" for k in range(passes))
         logits = output.detach().float().cpu() if isinstance(output, Tensor) else None
         task_info = task.describe() if hasattr(task, "describe") else {"kind": "custom", "target": label}
         regions = task.region() if hasattr(task, "region") else None
@@ -653,6 +670,7 @@ def explain(
         logits = output.detach().float().cpu()
         task_info = {"kind": "classification", "score": score}
         regions = boxes = None
+        row_names = ()
     timings["total"] = time.perf_counter() - t0
     return Explanation(
         model_name=lm.name,
@@ -662,7 +680,9 @@ def explain(
         display=display,
         probabilities=probs,
         targets=targets,
-        target_names=tuple(class_names[c] if c < len(class_names) else str(c) for c in targets),
+        target_names=tuple(class_names[c] if c < len(class_names) else str(c) for c in targets)
+        if task is None
+        else row_names * (len(targets) // passes),
         class_names=class_names,
         layers=tuple(result.layers),
         chosen=tuple(chosen),
@@ -693,6 +713,10 @@ def _aug_smoothed(
     """:func:`explain` averaged over :data:`AUGMENTATIONS`: one capture of the six augmented copies."""
     if top_k is not None:
         raise OptionError("aug_smooth explains one class per image; it does not combine with top_k")
+    if _is_task(target) or _is_task_list(target):
+        raise OptionError(
+            "aug_smooth explains a classifier's classes; it does not combine with a task target"
+        )
     lm = as_loaded(model, device, output)
     x, display, info = prepare_input(image, lm, input_size)
     b = x.shape[0]
@@ -768,6 +792,37 @@ def _pass_over_blank_ends(
 def _is_task(target: Any) -> bool:
     """Whether ``target`` is a callable target (a task's, or the user's own) rather than classes."""
     return callable(target) and not isinstance(target, (str, int, list, tuple))
+
+
+def _is_task_list(target: Any) -> bool:
+    """Whether ``target`` is a list of callable targets (``K`` targets of one capture)."""
+    return isinstance(target, (list, tuple)) and bool(target) and all(_is_task(t) for t in target)
+
+
+def _put(per_pass: list, k: int, value: Any) -> None:
+    """Set ``per_pass[k]``, growing the list (the number of backward passes of a task target is known only
+    once it has scored the capture's output)."""
+    per_pass.extend([None] * (k + 1 - len(per_pass)))
+    per_pass[k] = value
+
+
+class _OneImageIfSeveral:
+    """A task target as the capture sees it: its scores ``(B,)`` or ``(B, K)``, checked before any backward
+    pass (``K`` targets explain one image)."""
+
+    def __init__(self, task: Callable[[Any], Tensor]) -> None:
+        self.task = task
+
+    def __call__(self, output: Any) -> Tensor:
+        scores = self.task(output)
+        if not isinstance(scores, Tensor) or scores.dim() not in (1, 2):
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise TargetError(f"a target gives one score per sample (B,) or K scores (B, K), got {shape}")
+        if scores.dim() == 2 and scores.shape[1] > 1 and scores.shape[0] != 1:
+            raise TargetError(
+                f"{scores.shape[1]} targets per image explain one image; got a batch of {scores.shape[0]}"
+            )
+        return scores
 
 
 class _LazyTarget:
