@@ -33,7 +33,6 @@ from camanim.compute.normalize import global_range, local_ranges
 from camanim.compute.resize import resize_maps, upsample_by_size
 from camanim.compute.volume_maps import volume_display
 from camanim.errors import OptionError, WeightsError
-from camanim.pipelines.ybroad import RoadError, ybroad
 
 gradcam_pkg = pytest.importorskip("pytorch_grad_cam", reason="the grad-cam package is not installed")
 pytest.importorskip("cv2", reason="grad-cam needs OpenCV (cv2)")
@@ -364,9 +363,3 @@ def test_video_and_monai_models_by_name() -> None:
     net = load_model("monai:resnet18", "none", num_classes=3)
     assert net.preprocessing.input_shape((16, 16)) == (1, 1, 96, 16, 16)
     assert net.module.fc.out_features == 3 and net.module.conv1.in_channels == 1
-
-
-def test_ybroad_refuses_volumes() -> None:
-    torch.manual_seed(0)
-    with pytest.raises(RoadError, match="not supported for volumes"):
-        ybroad(Small3DCNN().eval(), torch.randn(1, 1, 8, 16, 16), layers="last")

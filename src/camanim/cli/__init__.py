@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--smooth", type=int_at_least(1), default=5, metavar="N", help="moving-average window of the plot"
     )
+    add_volume_options(p, drawn=False)
     add_output_options(p)
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its finished layers"

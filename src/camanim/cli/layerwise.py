@@ -15,6 +15,7 @@ from camanim.cli.options import (
     LAYERS_HELP,
     add_model_options,
     add_output_options,
+    add_volume_options,
     int_at_least,
     method_help,
     non_empty,
@@ -135,6 +136,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--batch-size", type=int_at_least(1), default=64, help="perturbed images per forward")
     g.add_argument("--imputer", default="noisy_linear", help="noisy_linear (default) or spsolve")
     g.add_argument("--space", default="pixel", choices=["pixel", "model"], help="ROAD's imputation space")
+    add_volume_options(p, drawn=False)
     add_output_options(p)
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
     add_task_options(p)

@@ -240,8 +240,9 @@ def _checked(parse: Callable[[str], object], name: str) -> Callable[[str], str]:
     return convert
 
 
-def add_volume_options(p: argparse.ArgumentParser) -> None:
-    """``--window``, ``--view`` and ``--slice-at``: how a volume (NIfTI, DICOM, .npy) or a clip is fed and drawn."""
+def add_volume_options(p: argparse.ArgumentParser, drawn: bool = True) -> None:
+    """``--window``, ``--view`` and ``--slice-at``: how a volume (NIfTI, DICOM, .npy) or a clip is fed and drawn
+    (only ``--window`` for commands that draw no map: ``drawn=False``)."""
     g = p.add_argument_group(
         "volumes and videos (--image scan.nii.gz, a DICOM folder, a .npy array or a video)"
     )
@@ -253,6 +254,8 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
         help="CT intensity window: values clipped to [center - width/2, center + width/2] and scaled to [0, 1] "
         "(default: the volume's min-max); presets: " + ", ".join(WINDOW_PRESETS),
     )
+    if not drawn:
+        return
     g.add_argument(
         "--view",
         type=_checked(parse_view, "view"),

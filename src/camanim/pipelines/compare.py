@@ -33,7 +33,7 @@ from camanim.compute.layers import Layer, LayerSpec, list_layers, select_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.models import InputSize
 from camanim.compute.normalize import Range, global_range, map_range
-from camanim.errors import OptionError, UnknownNameError
+from camanim.errors import ImageError, OptionError, UnknownNameError
 from camanim.pipelines.animate import check_colormap
 from camanim.pipelines.explain import as_loaded, explain, prepare_input
 
@@ -192,6 +192,11 @@ def compare(
     x, _, _ = prepare_input(image, lm, input_size)
     if x.shape[0] != 1:
         raise OptionError(f"compare explains one image, got a batch of {x.shape[0]}")
+    if x.dim() == 5:
+        raise ImageError(
+            "compare draws a grid of 2-D overlays; volumes and clips are not supported (draw them with "
+            "camanim explain or animate --view, score them with camanim road or faithfulness)"
+        )
     table = list_layers(lm.model, x[:1].to(lm.device))
     chosen = select_conv_layers(lm.model, table, layers)
     ex = explain(

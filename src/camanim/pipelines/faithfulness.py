@@ -402,7 +402,7 @@ def faithfulness(
     dele.check_baseline(baseline)
     if imputation_space not in SPACES:
         raise rd.RoadError(f"imputation_space must be one of {SPACES}, got {imputation_space!r}")
-    imp = rd._default_imputer(imputer)
+    rd._default_imputer(imputer)  # an unknown name fails before the capture
     if explanation is None:
         lm = as_loaded(model if model is not None else DEFAULT_MODEL, device)
         ex = explain(
@@ -421,8 +421,12 @@ def faithfulness(
         raise rd.RoadError(
             f"faithfulness scores one image; the explanation holds a batch of {ex.input.shape[0]}"
         )
-    x = ex.input[0]
+    x = ex.input[0]  # (C, H, W), or a volume (C, D, H, W)
+    imp = rd._default_imputer(imputer, x.dim() - 1)
     space = imputation_space
+    if space == "pixel" and x.dim() == 4:  # a volume or clip: its preprocessing is per image
+        log.info("a volume (C, D, H, W) is imputed in the model's input space")
+        space = "model"
     if space == "pixel" and x.shape[0] != 3:
         log.warning("the input has %d channels, not RGB: imputing in the model's input space", x.shape[0])
         space = "model"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from camanim.compute.fusion import ACTIVATIONS, check_base, fmgcam_sweep
+from camanim.compute.fusion import ACTIVATIONS, FusionError, check_base, fmgcam_sweep
 from camanim.compute.models import InputSize
 from camanim.errors import UnknownNameError
 from camanim.pipelines.explain import as_loaded, explain
@@ -71,9 +71,15 @@ class FMGCAMResult:
                 ``multilabel`` the sigmoid of its logits.
 
         Raises:
-            FusionError: ``base`` is not class-discriminative, or the explanation is not a top-K capture.
+            FusionError: ``base`` is not class-discriminative, the explanation is not a top-K capture, or
+                it holds a volume.
         """
         ex = explanation
+        if ex.input.dim() == 5:
+            raise FusionError(
+                "FM-G-CAM fuses 2-D maps; volumes and clips are not supported (explain, animate, road and "
+                "faithfulness take them)"
+            )
         base = check_base(base)
         fused = fmgcam_sweep(ex, base, activation, norm=norm)
         classes = tuple(int(c) for c in ex.targets)

@@ -36,6 +36,7 @@ import torch
 from camanim.compute.layers import Layer, LayerSpec
 from camanim.compute.metrics.sanity import (
     MEASURES,
+    SanityError,
     default_depths,
     hog_features,
     parameterised_modules,
@@ -245,6 +246,11 @@ def sanity(
     timings = {"explain": time.perf_counter() - t0}
     if ex.input.shape[0] != 1:
         raise UnknownNameError("image", "a batch", ["one image"])
+    if ex.input.dim() == 5:
+        raise SanityError(
+            "the randomisation check compares 2-D maps (SSIM, HOG, its figures); volumes and clips are not "
+            "supported (camanim road and faithfulness score them)"
+        )
     x = ex.input
     tgt = int(ex.targets[0])
     chosen = tuple(ex.chosen)

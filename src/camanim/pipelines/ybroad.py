@@ -15,6 +15,10 @@ own score of the perturbed image minus the original's (the "Score" and "Tasks" d
 :mod:`camanim.compute.metrics.road`), through the same output selector as the maps' capture. A moving average (the paper suggests one)
 is drawn in the plot only, never used for the reported numbers.
 
+A volume or clip ``(1, C, D, H, W)`` is scored the same way in 3-D: voxels ranked by the trilinearly
+upsampled map, imputed with the 26-neighbour imputer (the "Volumes" definition of
+:mod:`camanim.compute.metrics.road`).
+
 Example:
     >>> from camanim import ybroad
     >>> res = ybroad("efficientnet_lite0", "chelsea", methods="gradcam")  # doctest: +SKIP
@@ -49,6 +53,7 @@ from camanim.compute.metrics.road import (
     _probabilities,
     _road_core,
     check_percentages,
+    spatial_size,
 )
 from camanim.compute.models import DEFAULT_MODEL, InputSize, LoadedModel
 from camanim.errors import UnknownNameError
@@ -434,7 +439,7 @@ def ybroad(
     ps = check_percentages(percentages)
     if imputation_space not in SPACES:
         raise RoadError(f"imputation_space must be one of {SPACES}, got {imputation_space!r}")
-    imp = _default_imputer(imputer)
+    _default_imputer(imputer)  # an unknown name fails before the capture
     if explanation is None:
         lm = as_loaded(model if model is not None else DEFAULT_MODEL, device)
         ex = explain(
@@ -452,19 +457,18 @@ def ybroad(
     timings = {"explain": time.perf_counter() - t0}
     if ex.input.shape[0] != 1:
         raise RoadError(f"ybROAD scores one image; the explanation holds a batch of {ex.input.shape[0]}")
-    if ex.input.dim() == 5:  # the 3-D imputer exists (compute.metrics.imputers3d); the engine ranks pixels
-        raise RoadError(
-            "ROAD and ybROAD are not supported for volumes yet (the perturbation ranks 2-D pixels)"
-        )
-    x = ex.input[0]
+    x = ex.input[0]  # (C, H, W), or a volume (C, D, H, W): voxels ranked, imputed in 3-D
+    imp = _default_imputer(imputer, x.dim() - 1)
     space = imputation_space
+    if space == "pixel" and x.dim() == 4:  # a volume or clip: its preprocessing is per image
+        log.info("a volume (C, D, H, W) is imputed in the model's input space")
+        space = "model"
     if space == "pixel" and x.shape[0] != 3:
         log.warning("the input has %d channels, not RGB: imputing in the model's input space", x.shape[0])
         space = "model"
     prep = ex.preprocessing if space == "pixel" else None
     chosen = tuple(ex.chosen)
     names = tuple(ex.methods)
-    h, w = x.shape[-2:]
     fingerprint = {
         "model": ex.model_name,
         "weights": ex.weights,
@@ -548,7 +552,7 @@ def ybroad(
             else float(ex.probabilities[0, tgt if isinstance(tgt, int) else 0])
         )
     timings["road"] = time.perf_counter() - t
-    n_pix = h * w
+    n_pix = spatial_size(x)
     removed = np.array([round(p / 100.0 * n_pix) / n_pix for p in ps])
     results = {}
     for m in names:

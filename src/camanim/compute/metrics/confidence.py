@@ -214,7 +214,7 @@ def _confidence_scores(
     clean_probability: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConfidenceScores:
-    keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
+    keys, stack = _as_maps(maps, tuple(img.shape[1:]))
     ctx = PerturbationContext(img.to(_device(net)))
     probs, clean, stats = score_units(
         net, ctx, confidence_units(stack), target, n_units=len(stack), batch_size=batch_size,

@@ -56,10 +56,11 @@ from camanim.compute.metrics.engine import (
     impute,
     removal_order,
     replace,
+    resolve_imputer,
     score_units,
+    spatial_size,
     split_batch,
 )
-from camanim.compute.metrics.imputers import NoisyLinearImputer, get_imputer
 
 __all__ = [
     "BASELINES",
@@ -189,10 +190,8 @@ class DeletionScores:
         return len(self.keys)
 
 
-def _default_imputer(imputer: Any) -> Any:
-    if imputer is None:
-        return NoisyLinearImputer()
-    return get_imputer(imputer) if isinstance(imputer, str) else imputer
+def _default_imputer(imputer: Any, spatial_dims: int = 2) -> Any:
+    return resolve_imputer(imputer, spatial_dims)
 
 
 def deletion_scores(
@@ -239,7 +238,7 @@ def deletion_scores(
     tgt = as_target(target_class)
     net, cl = _forward_copy(model, optimize, img[None], tgt)
     return _deletion_scores(
-        net, cl, img, maps, tgt, steps, baseline, _default_imputer(imputer), preprocessing,
+        net, cl, img, maps, tgt, steps, baseline, _default_imputer(imputer, img.dim() - 1), preprocessing,
         seed, batch_size, clean_probability, progress,
     )  # fmt: skip
 
@@ -259,8 +258,8 @@ def _deletion_scores(
     clean_probability: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> DeletionScores:
-    keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
-    n = img.shape[-1] * img.shape[-2]
+    keys, stack = _as_maps(maps, tuple(img.shape[1:]))
+    n = spatial_size(img)
     counts = curve_counts(n, steps)
     ctx = PerturbationContext(img.to(_device(net)), imputer, preprocessing, seed)
     probs, clean, stats = score_units(
@@ -303,6 +302,7 @@ class DeletionInsertion:
         self.model, self.optimize = model, optimize
         self.steps, self.baseline = int(steps), baseline
         self.imputer, self.preprocessing = _default_imputer(imputer), preprocessing
+        self._imputer_arg = imputer
         self.seed, self.batch_size = int(seed), int(batch_size)
         self.reset()
 
@@ -316,10 +316,12 @@ class DeletionInsertion:
     def update(self, images: Tensor, maps: MapsLike, targets: int | Sequence[int] | Tensor) -> None:
         """Score a batch (shapes as :meth:`camanim.compute.metrics.road.ROAD.update`)."""
         items = split_batch(images, maps, targets)
-        net, cl = _forward_copy(self.model, self.optimize, _as_image(items[0][0])[None])
+        first = _as_image(items[0][0])
+        imputer = self.imputer if first.dim() == 3 else _default_imputer(self._imputer_arg, 3)
+        net, cl = _forward_copy(self.model, self.optimize, first[None])
         for img, m, tgt in items:
             s = _deletion_scores(
-                net, cl, _as_image(img), m, tgt, self.steps, self.baseline, self.imputer, self.preprocessing,
+                net, cl, _as_image(img), m, tgt, self.steps, self.baseline, imputer, self.preprocessing,
                 self.seed, self.batch_size,
             )  # fmt: skip
             if self._sum is None:

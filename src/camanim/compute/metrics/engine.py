@@ -44,7 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from camanim.compute.capture import frozen_eval
-from camanim.errors import CamanimError
+from camanim.compute.metrics.imputers import IMPUTERS, NoisyLinearImputer, get_imputer
+from camanim.compute.metrics.imputers3d import NoisyLinearImputer3D
+from camanim.errors import CamanimError, UnknownNameError
 
 __all__ = [
     "OPTIMIZE_ATOL",
@@ -55,8 +57,11 @@ __all__ = [
     "as_target",
     "readout",
     "removal_order",
+    "resolve_imputer",
     "rise_kernel",
+    "rise_kernel_3d",
     "score_units",
+    "spatial_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,14 +157,15 @@ def _forward_copy(
         model: the user's model.
         optimize: ``None`` = auto (CPU models with a ``Conv2d``, unless the target reads a raw output such
             as a detector's list of dicts, whose thresholded detections a rounding change can flip), or
-            force on/off.
-        example: one input, for the check.
+            force on/off. A volume model (``example`` 5-D) runs as it is unless forced (channels_last_3d).
+        example: one input ``(1, C, H, W)`` or ``(1, C, D, H, W)``, for the check.
         target: what is scored (``None`` or a class index: the softmax; a callable: its score).
     """
     scored = None if target is None or isinstance(target, int) else target
     if optimize is None:
         optimize = (
-            _device(model).type == "cpu"
+            example.dim() == 4
+            and _device(model).type == "cpu"
             and any(isinstance(m, nn.Conv2d) for m in model.modules())
             and getattr(scored, "expect", None) != "any"
         )
@@ -180,19 +186,21 @@ def _forward_copy(
         twin = fuse(twin, inplace=True)
     except Exception as exc:  # not traceable by torch.fx: keep the unfused copy
         log.debug("no Conv-BN folding (%s)", exc)
-    twin = twin.to(memory_format=torch.channels_last)
     device = _device(model)
-    with frozen_eval(model), torch.inference_mode():
-        if scored is None:
-            ref = model(example.to(device)).double().softmax(dim=1)
-            got = (
-                twin(example.to(device).contiguous(memory_format=torch.channels_last)).double().softmax(dim=1)
-            )
-            scale = 1.0
-        else:
-            ref = readout(scored, model(example.to(device)), 1)
-            got = readout(scored, twin(example.to(device).contiguous(memory_format=torch.channels_last)), 1)
-            scale = max(1.0, float(ref.abs().max()))
+    try:
+        twin = twin.to(memory_format=_channels_last_format(example))
+        with frozen_eval(model), torch.inference_mode():
+            if scored is None:
+                ref = model(example.to(device)).double().softmax(dim=1)
+                got = twin(_channels_last(example.to(device))).double().softmax(dim=1)
+                scale = 1.0
+            else:
+                ref = readout(scored, model(example.to(device)), 1)
+                got = readout(scored, twin(_channels_last(example.to(device))), 1)
+                scale = max(1.0, float(ref.abs().max()))
+    except RuntimeError as exc:  # e.g. parameters of another rank than the memory format's
+        log.debug("no channels-last copy of the model (%s): running it as it is", exc)
+        return model, False
     err = float((ref - got).abs().max()) / scale if ref.shape == got.shape else float("inf")
     if not err <= OPTIMIZE_ATOL:
         log.info(
@@ -200,6 +208,15 @@ def _forward_copy(
         )
         return model, False
     return twin, True
+
+
+def _channels_last_format(x: Tensor) -> torch.memory_format:
+    """``channels_last`` for images ``(N, C, H, W)``, ``channels_last_3d`` for volumes ``(N, C, D, H, W)``."""
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=_channels_last_format(x))
 
 
 def as_target(target: Any) -> Target:
@@ -244,13 +261,13 @@ def _per_image(target: Target) -> Target:
 def _probabilities(
     model: nn.Module, x: Tensor, target: Target, batch_size: int, channels_last: bool = False
 ) -> Tensor:
-    """The target's score for every image of ``x`` ``(N, C, H, W)``: the softmax probability of a class
+    """The target's score for every image of ``x`` ``(N, C, H, W)`` (or volume ``(N, C, D, H, W)``): the softmax probability of a class
     index, or a target callable's value (:func:`readout`); ``(N,)`` float64 CPU."""
     out = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
         if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = _channels_last(xb)
         logits = model(xb)
         if not isinstance(target, int):
             out.append(readout(target, logits, xb.shape[0]))
@@ -271,26 +288,42 @@ def _probabilities(
 
 
 def _as_image(x: Tensor) -> Tensor:
+    """One image ``(C, H, W)`` from ``(C, H, W)`` or ``(1, C, H, W)``, or one volume ``(C, D, H, W)`` from
+    ``(1, C, D, H, W)``: a volume comes with its batch axis, since ``(1, D, H, W)`` reads as an image of
+    ``D`` channels. Float32, detached."""
     if not isinstance(x, Tensor):
         raise MetricError(f"the image must be a tensor, got {type(x).__name__}")
+    if x.ndim == 5 and x.shape[0] == 1:
+        return x[0].detach().float()
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3:
-        raise MetricError(f"a metric scores one image (C, H, W) or (1, C, H, W), got {tuple(x.shape)}")
+        raise MetricError(
+            "a metric scores one image (C, H, W) or (1, C, H, W), or one volume (1, C, D, H, W), got "
+            f"{tuple(x.shape)}"
+        )
     return x.detach().float()
 
 
-def _as_maps(maps: MapsLike, hw: tuple[int, int]) -> tuple[tuple[Any, ...], list[Tensor]]:
-    """Keys and ``(H, W)`` float maps from a stack, a sequence or a mapping."""
+def spatial_size(x: Tensor) -> int:
+    """Pixels (or voxels) of one input ``(C, H, W)`` or ``(C, D, H, W)``: ``H W`` or ``D H W``."""
+    return int(np.prod(x.shape[1:]))
+
+
+def _as_maps(maps: MapsLike, hw: tuple[int, ...]) -> tuple[tuple[Any, ...], list[Tensor]]:
+    """Keys and float maps of the input's spatial shape ``hw`` (``(H, W)``, or ``(D, H, W)`` for a volume)
+    from a stack, a sequence or a mapping."""
+    k = len(hw)
+    name = "(H, W)" if k == 2 else "(D, H, W)"
 
     def one(m: Tensor | np.ndarray) -> Tensor:
         t = m if isinstance(m, Tensor) else torch.from_numpy(np.asarray(m))
         t = t.detach()
-        while t.ndim > 2 and t.shape[0] == 1:
+        while t.ndim > k and t.shape[0] == 1:
             t = t[0]
         if tuple(t.shape) != hw:
             raise MetricError(
-                f"a map must be (H, W) = {hw} (upsampled to the input size), got {tuple(m.shape)}"
+                f"a map must be {name} = {hw} (upsampled to the input size), got {tuple(m.shape)}"
             )
         return t.float().cpu()
 
@@ -298,13 +331,49 @@ def _as_maps(maps: MapsLike, hw: tuple[int, int]) -> tuple[tuple[Any, ...], list
         keys = tuple(maps)
         return keys, [one(maps[k]) for k in keys]
     if isinstance(maps, (Tensor, np.ndarray)):
-        if maps.ndim == 2:
+        if maps.ndim == k:
             return (0,), [one(maps)]
-        if maps.ndim != 3:
-            raise MetricError(f"maps must be (H, W) or (L, H, W), got {tuple(maps.shape)}")
+        if maps.ndim != k + 1:
+            raise MetricError(f"maps must be {name} or (L, {name[1:]}, got {tuple(maps.shape)}")
         return tuple(range(maps.shape[0])), [one(m) for m in maps]
     items = list(maps)
     return tuple(range(len(items))), [one(m) for m in items]
+
+
+def resolve_imputer(imputer: Any, spatial_dims: int = 2) -> Any:
+    """The imputer of ``impute`` perturbations for inputs of ``spatial_dims`` spatial axes.
+
+    Images (2): ``None`` is ``NoisyLinearImputer()``, a name one of :data:`~.imputers.IMPUTERS`, an object
+    itself. Volumes (3): ``None``, ``"noisy_linear"`` and a 2-D ``NoisyLinearImputer`` become
+    :class:`~.imputers3d.NoisyLinearImputer3D` with the same noise (the same rule with the 26-neighbour
+    stencil); any other 2-D imputer is refused; an object that is not one of the 2-D imputers is used as it
+    is (it must take ``(B, C, D, H, W)`` volumes and ``(B, D, H, W)`` masks).
+
+    Raises:
+        UnknownNameError: an unknown name.
+        MetricError: a 2-D-only imputer for a volume.
+    """
+    if spatial_dims != 3:
+        if imputer is None:
+            return NoisyLinearImputer()
+        return get_imputer(imputer) if isinstance(imputer, str) else imputer
+    if imputer is None or imputer == "noisy_linear":
+        return NoisyLinearImputer3D()
+    if isinstance(imputer, str):
+        if imputer not in IMPUTERS:
+            raise UnknownNameError("imputer", imputer, IMPUTERS)
+        raise MetricError(
+            f"the imputer {imputer!r} imputes 2-D images only; volumes are imputed by 'noisy_linear' "
+            "(the 26-neighbour 3-D stencil of NoisyLinearImputer3D)"
+        )
+    if isinstance(imputer, NoisyLinearImputer):
+        return NoisyLinearImputer3D(noise=imputer.noise)
+    if type(imputer) in IMPUTERS.values():
+        raise MetricError(
+            f"{imputer!r} imputes 2-D images only; volumes are imputed by NoisyLinearImputer3D "
+            "(imputer='noisy_linear' or None)"
+        )
+    return imputer
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -320,7 +389,8 @@ class Perturbation:
         key: what the image is (kind + digest): equal keys are made and forwarded once.
         kind: ``"impute"``, ``"replace"`` or ``"multiply"`` (see the module docstring).
         payload: what the kind needs: ``(mask digest, (H * W,) bool mask)`` for ``impute``;
-            ``(baseline name, (H * W,) bool mask)`` for ``replace``; the ``(H, W)`` map for ``multiply``.
+            ``(baseline name, (H * W,) bool mask)`` for ``replace``; the ``(H, W)`` map for ``multiply``
+            (for a volume: ``(D * H * W,)`` masks and a ``(D, H, W)`` map).
     """
 
     key: bytes
@@ -344,24 +414,39 @@ def multiply(weights: Tensor) -> Perturbation:
     return Perturbation(b"multiply/" + _array_digest(weights.numpy()), "multiply", weights)
 
 
+def _rise_1d(size: int, nsig: float) -> np.ndarray:
+    from scipy.stats import norm
+
+    return np.diff(norm.cdf(np.linspace(-nsig, nsig, size + 1)))
+
+
 def rise_kernel(size: int = 11, nsig: float = 5.0) -> np.ndarray:
     """The blur kernel of RISE's evaluation code (Petsiuk et al. 2018, ``gkern(11, 5)``): a normalised 2D
     Gaussian sampled by differences of the normal CDF over ``linspace(-nsig, nsig, size + 1)`` (sigma =
     size / (2 nsig) pixels = 1.1 px by default). ``(size, size)`` float64."""
-    from scipy.stats import norm
-
-    k1 = np.diff(norm.cdf(np.linspace(-nsig, nsig, size + 1)))
+    k1 = _rise_1d(size, nsig)
     k2 = np.outer(k1, k1)
     return k2 / k2.sum()
 
 
+def rise_kernel_3d(size: int = 11, nsig: float = 5.0) -> np.ndarray:
+    """:func:`rise_kernel` in three dimensions, for volumes: the outer product of the same 1-D weights along
+    depth, height and width, normalised (sigma 1.1 voxels by default). ``(size, size, size)`` float64."""
+    k1 = _rise_1d(size, nsig)
+    k3 = np.einsum("i,j,k->ijk", k1, k1, k1)
+    return k3 / k3.sum()
+
+
 def blur(x: Tensor) -> Tensor:
     """RISE's insertion substrate: ``x`` ``(C, H, W)`` convolved per channel with :func:`rise_kernel`,
-    zero padding, in the space of ``x`` (RISE blurs the normalised model input)."""
-    k = torch.from_numpy(rise_kernel()).to(dtype=x.dtype, device=x.device)
+    zero padding, in the space of ``x`` (RISE blurs the normalised model input). A volume ``(C, D, H, W)``
+    is convolved with :func:`rise_kernel_3d`."""
+    volume = x.dim() == 4
+    k = torch.from_numpy(rise_kernel_3d() if volume else rise_kernel()).to(dtype=x.dtype, device=x.device)
     c = x.shape[0]
     w = k.expand(c, 1, *k.shape).contiguous()
-    return nn.functional.conv2d(x[None], w, padding=k.shape[-1] // 2, groups=c)[0]
+    conv = nn.functional.conv3d if volume else nn.functional.conv2d
+    return conv(x[None], w, padding=k.shape[-1] // 2, groups=c)[0]
 
 
 #: Baselines of ``replace``, computed from the model input ``(C, H, W)``.
@@ -372,7 +457,7 @@ class PerturbationContext:
     """Everything needed to make one image's perturbed images: the image, the imputer, the baselines.
 
     Args:
-        x: the model input ``(C, H, W)`` on the model's device.
+        x: the model input ``(C, H, W)``, or a volume ``(C, D, H, W)``, on the model's device.
         imputer: the imputer of ``impute`` (with ``impute_clean`` and ``noise``, or ``impute_one``).
         preprocessing: impute in [0, 1] pixel space through it (``denormalize`` -> impute -> ``normalize``);
             ``None`` imputes in the space of ``x``.
@@ -399,7 +484,7 @@ class PerturbationContext:
         return self._baselines[name]
 
     def build(self, items: Sequence[Perturbation]) -> Tensor:
-        """The perturbed images of ``items`` ``(n, C, H, W)``, model space, on the model's device, in order."""
+        """The perturbed images of ``items`` ``(n, C, H, W)`` (volumes ``(n, C, D, H, W)``), model space, on the model's device, in order."""
         t0 = time.perf_counter()
         out: list[Tensor | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
@@ -414,18 +499,17 @@ class PerturbationContext:
         return torch.stack(out) if len(out) > 1 else out[0][None]  # type: ignore[index]
 
     def _masks(self, flat: Sequence[np.ndarray]) -> Tensor:
-        c, h, w = self.x.shape
-        return torch.from_numpy(np.stack(flat).reshape(-1, h, w)).to(self.x.device)
+        return torch.from_numpy(np.stack(flat).reshape(-1, *self.x.shape[1:])).to(self.x.device)
 
     def _impute(self, payloads: Sequence[tuple[bytes, np.ndarray]]) -> Tensor:
-        c, h, w = self.x.shape
+        shape = tuple(self.x.shape)
         digests = [d for d, _ in payloads]
         masks = self._masks([m for _, m in payloads])
         if self.use_clean:
-            imputed = self.imputer.impute_clean(self.pixels.expand(len(digests), -1, -1, -1), masks)
+            imputed = self.imputer.impute_clean(self.pixels.expand(len(digests), *shape), masks)
             if self.sigma > 0:
                 noise = torch.stack(
-                    [torch.randn((c, h, w), generator=_noise_generator(self.seed, d)) for d in digests]
+                    [torch.randn(shape, generator=_noise_generator(self.seed, d)) for d in digests]
                 ).to(device=self.x.device, dtype=imputed.dtype)
                 imputed = imputed + self.sigma * noise * masks.unsqueeze(1)
         else:
@@ -611,12 +695,14 @@ def score_units(
 def split_batch(
     images: Tensor, maps: MapsLike, targets: int | Sequence[int] | Tensor
 ) -> list[tuple[Tensor, MapsLike, int]]:
-    """``(image, its maps, its target)`` per image of a batch given to a stateful metric's ``update``.
+    """``(image, its maps, its target)`` per image of a batch given to a stateful metric's ``update``: the
+    image ``(C, H, W)``, a volume ``(1, C, D, H, W)`` (as :func:`_as_image` reads it).
 
     Args:
-        images: ``(B, C, H, W)`` or one ``(C, H, W)`` image.
+        images: ``(B, C, H, W)`` or one ``(C, H, W)`` image; or volumes ``(B, C, D, H, W)``.
         maps: ``(B, H, W)`` one map per image; ``(B, L, H, W)`` L maps per image; or a mapping from a key to
-            ``(B, H, W)``. For a single ``(C, H, W)`` image, anything the pure functions take.
+            ``(B, H, W)`` (volumes: ``(B, D, H, W)``, ``(B, L, D, H, W)``). For a single ``(C, H, W)`` image,
+            anything the pure functions take.
         targets: one class for all images, or one per image.
 
     Raises:
@@ -631,9 +717,11 @@ def split_batch(
             per_image = [{k: v[i] for k, v in maps.items()} for i in range(b)]
         else:
             t = maps if isinstance(maps, Tensor) else torch.as_tensor(np.asarray(maps))
-            if t.ndim not in (3, 4) or t.shape[0] != b:
+            k = images.ndim - 2
+            if t.ndim not in (k + 1, k + 2) or t.shape[0] != b:
+                sp = "H, W" if k == 2 else "D, H, W"
                 raise MetricError(
-                    f"maps must be (B, H, W) or (B, L, H, W) for B = {b} images, got {tuple(t.shape)}"
+                    f"maps must be (B, {sp}) or (B, L, {sp}) for B = {b} images, got {tuple(t.shape)}"
                 )
             per_image = [t[i] for i in range(b)]
     if isinstance(targets, Tensor):
@@ -641,4 +729,5 @@ def split_batch(
     tlist = [int(targets)] * images.shape[0] if isinstance(targets, int) else [int(t) for t in targets]
     if len(tlist) != images.shape[0]:
         raise MetricError(f"{len(tlist)} targets for {images.shape[0]} images")
-    return list(zip(images, per_image, tlist, strict=True))
+    per_input = list(images) if images.ndim == 4 else [v[None] for v in images]  # volumes keep (1, ...)
+    return list(zip(per_input, per_image, tlist, strict=True))

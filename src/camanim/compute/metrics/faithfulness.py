@@ -65,6 +65,7 @@ from camanim.compute.metrics.engine import (
     _forward_copy,
     as_target,
     score_units,
+    spatial_size,
 )
 from camanim.errors import UnknownNameError
 
@@ -256,12 +257,11 @@ def faithfulness_core(
             f"{', '.join(bad)} divide by the target's probability (Y, 1 - Y): defined for a class's softmax, "
             "not for a task target's score"
         )
-    c, h, w = img.shape
-    n_pix = h * w
+    n_pix = spatial_size(img)
     if "deletion" in families:
         dele.check_baseline(settings.baseline)
     needs_imputer = "road" in families or dele.BASELINES.get(settings.baseline, ("",))[0] == "road"
-    imputer = rd._default_imputer(settings.imputer) if needs_imputer else None
+    imputer = rd._default_imputer(settings.imputer, img.dim() - 1) if needs_imputer else None
     ctx = PerturbationContext(img.to(_device(net)), imputer, settings.preprocessing, settings.seed)
     units, parts = _units(maps, families, n_pix, settings)
 
@@ -352,7 +352,7 @@ def faithfulness_scores(
     dele.curve_counts(1, steps)
     dele.check_baseline(baseline)
     img = _as_image(x)
-    keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
+    keys, stack = _as_maps(maps, tuple(img.shape[1:]))
     tgt = as_target(target_class)
     net, cl = _forward_copy(model, optimize, img[None], tgt)
     settings = Settings(ps, int(steps), baseline, imputer, preprocessing, int(seed))

@@ -36,6 +36,12 @@ Definitions (recorded in bundles' manifests as :data:`DEFINITION`):
   the sum for a reason that is not the map's); a detection is re-matched in the perturbed image by IoU with
   the box explained (grad-cam's ``FasterRCNNBoxScoreTarget``: the best-overlapping detection of the same
   label above the IoU threshold, 0 when there is none).
+* **Volumes** ``(1, C, D, H, W)``: voxels are ranked by the map (ReLU'd, trilinearly upsampled to the volume)
+  over the whole volume with the same tie-break, ``k = round(p * D * H * W)``, and imputed by
+  :class:`~camanim.compute.metrics.imputers3d.NoisyLinearImputer3D` (26 neighbours: 1/6 face, 1/12 edge,
+  1/24 corner; a 2-D ``NoisyLinearImputer`` given becomes it with the same noise, other 2-D imputers are
+  refused), in the model's input space. Its conjugate gradients stop at a relative residual of 1e-8, so the
+  same mask imputed in another batch agrees to that tolerance rather than bit for bit.
 * **ROAD** = mean over p of (LeRF_p - MoRF_p) / 2; higher is better. On the symmetric default set this
   equals grad-cam's ``ROADCombined(percentiles=[20, 40, 60, 80])`` (grad-cam's percentile ``q`` *keeps* q %,
   i.e. removes 1 - q, and the set is symmetric). The CAManim paper writes a sum over p, but its Table 2
@@ -57,7 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +92,11 @@ from camanim.compute.metrics.engine import (  # noqa: F401  (re-exported: ybROAD
     as_target,
     impute,
     removal_order,
+    resolve_imputer,
     score_units,
+    spatial_size,
+    split_batch,
 )
-from camanim.compute.metrics.imputers import NoisyLinearImputer, get_imputer
 from camanim.errors import UnknownNameError
 
 __all__ = [
@@ -130,6 +138,9 @@ DEFINITION: dict[str, str] = {
     "forwards": "clean image once; each unique perturbed image once, in batches, eval mode, inference mode, on "
     "the model's device; on the CPU through a private channels-last copy with Conv-BN folded, checked to "
     "match the model within 1e-4 on the clean image",
+    "volumes": "voxels ranked over the whole volume (trilinear upsampling, same tie-break), k = round(p * D * "
+    "H * W); imputed by the 26-neighbour 3-D rule (1/6 face, 1/12 edge, 1/24 corner), in the model's input "
+    "space, conjugate gradients to a 1e-8 relative residual",
     "road": "mean over p of (LeRF_p - MoRF_p) / 2, higher is better; equals grad-cam's "
     "ROADCombined(percentiles=[20, 40, 60, 80]); the CAManim paper writes a sum over p but its Table 2 "
     "values match the mean",
@@ -278,8 +289,7 @@ def _road_core(
     Returns:
         ``(morf (L, P), lerf (L, P), removed (P,), clean probability, stats)``.
     """
-    c, h, w = x.shape
-    n_pix = h * w
+    n_pix = spatial_size(x)
     ks = _counts(n_pix, percentages)
     n_p = len(ks)
     device = _device(model)
@@ -311,12 +321,9 @@ def _road_core(
     return morf, lerf, removed, float(clean), stats
 
 
-def _default_imputer(imputer: Any) -> Any:
-    if imputer is None:
-        return NoisyLinearImputer()
-    if isinstance(imputer, str):
-        return get_imputer(imputer)
-    return imputer
+def _default_imputer(imputer: Any, spatial_dims: int = 2) -> Any:
+    """The imputer to use for inputs of ``spatial_dims`` spatial axes (:func:`.engine.resolve_imputer`)."""
+    return resolve_imputer(imputer, spatial_dims)
 
 
 def road_scores(
@@ -344,10 +351,10 @@ def road_scores(
         model: a classifier returning ``(B, K)`` logits; with a target callable, any model whose output
             the callable reads (a :class:`~camanim.compute.models.LoadedModel`'s ``model``, whose output
             selector the task chose, gives the callable what it saw when the maps were computed).
-        x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``.
+        x: the model input, ``(C, H, W)`` or ``(1, C, H, W)``; a volume ``(1, C, D, H, W)``.
         maps: one map ``(H, W)``, a stack ``(L, H, W)``, a sequence of ``(H, W)`` maps, or a mapping from a
             key (a layer name) to ``(H, W)`` (or ``(1, H, W)``); already ReLU'd and upsampled to the input
-            size, e.g. ``Explanation.upsampled(method, layer)[0]``.
+            size, e.g. ``Explanation.upsampled(method, layer)[0]``. For a volume ``(D, H, W)`` maps.
         target_class: the class whose softmax probability is scored, or a target callable from the model's
             output to one score per image ``(N,)`` (a task target of :mod:`camanim.compute.tasks`; see
             "Score" and "Tasks" in the module docstring).
@@ -371,7 +378,7 @@ def road_scores(
     tgt = as_target(target_class)
     net, cl = _forward_copy(model, optimize, img[None], tgt)
     return _road_scores(
-        net, cl, x, maps, tgt, ps, _default_imputer(imputer), preprocessing, seed, batch_size,
+        net, cl, x, maps, tgt, ps, _default_imputer(imputer, img.dim() - 1), preprocessing, seed, batch_size,
         clean_probability, progress,
     )  # fmt: skip
 
@@ -391,7 +398,7 @@ def _road_scores(
     progress: ProgressCallback | None = None,
 ) -> RoadScores:
     img = _as_image(x)
-    keys, stack = _as_maps(maps, tuple(img.shape[-2:]))
+    keys, stack = _as_maps(maps, tuple(img.shape[1:]))
     morf, lerf, removed, clean, stats = _road_core(
         net,
         img,
@@ -443,6 +450,7 @@ class ROAD:
         self.model = model
         self.optimize = optimize
         self.percentages = check_percentages(percentages)
+        self._imputer_arg = imputer
         self.imputer = _default_imputer(imputer)
         self.preprocessing = preprocessing
         self.seed = int(seed)
@@ -468,37 +476,22 @@ class ROAD:
         """Score a batch.
 
         Args:
-            images: ``(B, C, H, W)`` or one ``(C, H, W)`` image.
+            images: ``(B, C, H, W)`` or one ``(C, H, W)`` image; or volumes ``(B, C, D, H, W)``.
             maps: ``(B, H, W)`` one map per image; ``(B, L, H, W)`` L maps per image; or a mapping from a
-                key to ``(B, H, W)``. For a single ``(C, H, W)`` image, anything :func:`road_scores` takes.
+                key to ``(B, H, W)`` (volumes: ``(B, D, H, W)``, ``(B, L, D, H, W)``). For a single
+                ``(C, H, W)`` image, anything :func:`road_scores` takes.
             targets: one class for all images, or one per image.
 
         Raises:
             RoadError: shapes that do not fit, or maps with other keys than earlier updates.
         """
-        if images.ndim == 3:
-            per_image: list[MapsLike] = [maps]
-            images = images[None]
-        else:
-            b = images.shape[0]
-            if isinstance(maps, Mapping):
-                per_image = [{k: v[i] for k, v in maps.items()} for i in range(b)]
-            else:
-                t = maps if isinstance(maps, Tensor) else torch.as_tensor(np.asarray(maps))
-                if t.ndim not in (3, 4) or t.shape[0] != b:
-                    raise RoadError(
-                        f"maps must be (B, H, W) or (B, L, H, W) for B = {b} images, got {tuple(t.shape)}"
-                    )
-                per_image = [t[i] for i in range(b)]
-        if isinstance(targets, Tensor):
-            targets = targets.tolist()
-        tlist = [int(targets)] * images.shape[0] if isinstance(targets, int) else [int(t) for t in targets]
-        if len(tlist) != images.shape[0]:
-            raise RoadError(f"{len(tlist)} targets for {images.shape[0]} images")
-        net, cl = _forward_copy(self.model, self.optimize, images[:1].float())
-        for img, m, tgt in zip(images, per_image, tlist, strict=True):
+        items = split_batch(images, maps, targets)
+        first = _as_image(items[0][0])
+        imputer = self.imputer if first.dim() == 3 else _default_imputer(self._imputer_arg, 3)
+        net, cl = _forward_copy(self.model, self.optimize, first[None])
+        for img, m, tgt in items:
             s = _road_scores(
-                net, cl, img, m, tgt, self.percentages, self.imputer, self.preprocessing, self.seed,
+                net, cl, img, m, tgt, self.percentages, imputer, self.preprocessing, self.seed,
                 self.batch_size,
             )  # fmt: skip
             if self._keys is None:

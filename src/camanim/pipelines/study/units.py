@@ -36,6 +36,7 @@ import numpy as np
 from camanim.compute.metrics.imputers import get_imputer
 from camanim.compute.models import LoadedModel, load_model, load_state_dict_into, wrap_model
 from camanim.compute.targets import resolve_class
+from camanim.compute.volumes import is_volume_source
 from camanim.errors import CamanimError
 from camanim.pipelines.ybroad import ybroad
 
@@ -102,8 +103,20 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             raise StudyError(f"--images {str(source)!r} is neither a folder, a .csv list nor an image file")
     else:
         items = [ImageItem(str(p), str(Path(p).resolve())) for p in source]
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and not items:
+        volumes = sorted(p.name for p in Path(source).rglob("*") if p.is_file() and is_volume_source(p))
+        if volumes:
+            raise StudyError(
+                f"camanim study scores 2-D images; volumes and clips ({volumes[0]}"
+                f"{', ...' if len(volumes) > 1 else ''}) are not supported: score each with camanim road"
+            )
     if not items:
         raise StudyError(f"no image found in {source!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    if volumes := [item.id for item in items if is_volume_source(item.path)]:
+        raise StudyError(
+            f"camanim study scores 2-D images; volumes and clips ({volumes[0]}"
+            f"{', ...' if len(volumes) > 1 else ''}) are not supported: score each with camanim road"
+        )
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
