@@ -3,22 +3,25 @@
 Workloads (random seeded torchvision weights, nothing downloads; CPU):
 
 * ``segmentation``: LR-ASPP MobileNetV3-Large (21 classes) at 224x224, :class:`SegmentationTarget` of
-  class 1 over a box; K = 3: classes 1, 2, 3 over that box; grad-cam's ``SemanticSegmentationTarget``.
+  class 1 over a box; K = 3: ``SegmentationTarget([1, 2, 3], box, each=True)``; grad-cam's
+  ``SemanticSegmentationTarget``.
 * ``detection``: Faster R-CNN MobileNetV3-Large 320 FPN (``box_score_thresh=0``, so random weights detect),
   :class:`BoxScoreTarget` of an explicit box (the first forward's most confident detection, given back as a
-  box and label); K = 3: the three most confident boxes; grad-cam's ``FasterRCNNBoxScoreTarget``.
+  box and label); K = 3: the three most confident boxes, ``BoxScoreTarget(boxes, labels, each=True)``;
+  grad-cam's ``FasterRCNNBoxScoreTarget``.
 * ``similarity``: ResNet-18 without its classifier (512-d embedding) at 224x224, :class:`SimilarityTarget`
-  to another image's embedding; K = 3: three references; grad-cam's tutorial ``SimilarityToConceptTarget``.
+  to another image's embedding; K = 3: a list of three ``SimilarityTarget`` (three references); grad-cam's
+  tutorial ``SimilarityToConceptTarget``.
 * ``multilabel``: ResNet-18 with 14 sigmoid outputs at 224x224, :class:`MultiLabelTarget` of label 2;
-  K = 3: labels 0, 1, 2; grad-cam with the sigmoid of the label as its target.
+  K = 3: ``MultiLabelTarget([0, 1, 2], each=True)``; grad-cam with the sigmoid of the label as its target.
 
 Measured per workload, in interleaved rounds (medians):
 
 * (a) the floor: one forward and one ``torch.autograd.grad`` of the target's score w.r.t. the input;
 * (b) ``camanim.explain(lm, x, methods="gradcam", layers="all", target=T)``: every spatial layer, one capture;
-* (b, K=3) the capture engine (:func:`camanim.compute.capture.capture`) with a target giving 3 scores per
-  sample ``(B, 3)``: one shared forward, one backward per target, Grad-CAM of every spatial layer computed in
-  the consumer as gradients arrive (``camanim.explain`` takes one task target per call);
+* (b, K=3) ``camanim.explain(lm, x, methods="gradcam", layers="all", target=T3)`` with three targets of the
+  one image (``each=True`` targets giving 3 scores per sample ``(B, 3)``, or a list of three similarity
+  targets): one shared forward, one backward per target, every spatial layer's Grad-CAM of each target;
 * (c) grad-cam 1.5.7's ``GradCAM(model, [layer])`` once per layer with its matching target, timed on a few
   evenly spaced layers and extrapolated to every layer (b) explains (marked as such).
 
@@ -50,7 +53,7 @@ import torchvision
 from torch import nn
 
 import camanim
-from camanim.compute.capture import capture, frozen_eval
+from camanim.compute.capture import frozen_eval
 from camanim.compute.models import LoadedModel, Preprocessing, wrap_model
 from camanim.compute.tasks import (
     BoxScoreTarget,
@@ -110,7 +113,8 @@ class OutOnly(nn.Module):
 
 @dataclass
 class Workload:
-    """One task: the network, its input, our target, K targets, and grad-cam's model and target."""
+    """One task: the network, its input, our target, our K = 3 targets of the image, and grad-cam's model and
+    target."""
 
     name: str
     label: str
@@ -118,7 +122,7 @@ class Workload:
     lm: LoadedModel
     x: torch.Tensor
     target: Any
-    targets: list[Any]
+    targets: Any
     gc_model: nn.Module
     gc_target: Callable[[Any], torch.Tensor]
     gc_prefix: str = ""
@@ -147,7 +151,7 @@ def build(name: str) -> Workload:
 
         return Workload(
             name, "LR-ASPP MobileNetV3-L, 224x224, class 1 over a box", net, wrap_model(net, preprocessing=_plain(224)),
-            x, SegmentationTarget(1, mask), [SegmentationTarget(c, mask) for c in (1, 2, 3)], OutOnly(net),
+            x, SegmentationTarget(1, mask), SegmentationTarget([1, 2, 3], mask, each=True), OutOnly(net),
             SemanticSegmentationTarget(1, mask.astype(np.float32)), "model.",
         )  # fmt: skip
     if name == "detection":
@@ -164,7 +168,7 @@ def build(name: str) -> Workload:
         return Workload(
             name, "Faster R-CNN MobileNetV3-L 320 FPN, 320x320, one explicit box", net,
             wrap_model(net, preprocessing=_plain(320)), x, BoxScoreTarget(boxes[:1], labels[:1]),
-            [BoxScoreTarget([b], [c]) for b, c in zip(boxes, labels, strict=True)], net,
+            BoxScoreTarget(boxes, labels, each=True), net,
             FasterRCNNBoxScoreTarget(labels[:1], [np.array(boxes[0])]),
         )  # fmt: skip
     if name == "similarity":
@@ -186,7 +190,7 @@ def build(name: str) -> Workload:
     x = torch.randn(1, 3, 224, 224, generator=gen)
     return Workload(
         name, "ResNet-18, 14 sigmoid labels, 224x224, label 2", net, wrap_model(net, preprocessing=_plain(224)),
-        x, MultiLabelTarget([2]), [MultiLabelTarget([c]) for c in (0, 1, 2)], net, lambda out: out[2].sigmoid(),
+        x, MultiLabelTarget([2]), MultiLabelTarget([0, 1, 2], each=True), net, lambda out: out[2].sigmoid(),
     )  # fmt: skip
 
 
@@ -209,21 +213,9 @@ def ours(w: Workload) -> None:
 
 
 def ours_k(w: Workload) -> None:
-    """(b, K=3): the capture engine with 3 targets: one forward, one backward per target."""
-    model = adapter(w, w.targets[0])
-
-    def scores(out: Any) -> torch.Tensor:
-        return torch.stack([t(out) for t in w.targets], dim=1)
-
-    def consumer(layer: Any, value: torch.Tensor, grad: torch.Tensor | None, k: int) -> None:
-        if grad is not None:
-            torch.relu((grad.mean(dim=(2, 3), keepdim=True) * value).sum(dim=1))
-
-    def want(layer: Any) -> bool:
-        return layer.same_as is None and layer.is_spatial
-
-    with frozen_eval(model):
-        capture(model, w.x, scores, want, consumer=consumer)
+    """(b, K=3): every spatial layer's Grad-CAM of 3 targets of the image: one forward, one backward each."""
+    ex = camanim.explain(w.lm, w.x, methods="gradcam", layers="all", target=w.targets)
+    assert ex.input.shape[0] == 3, ex.target_names
 
 
 def gradcam_layer(w: Workload, name: str) -> None:
@@ -291,8 +283,8 @@ def section(ws: list[Workload], args: argparse.Namespace, loads: list[float]) ->
         "",
         "(a) one forward + `torch.autograd.grad` of the target's score w.r.t. the input (the floor); (b) "
         '`camanim.explain(lm, x, methods="gradcam", layers="all", target=T)`: every spatial layer from one '
-        "capture; (b, K=3) the capture engine with a target giving 3 scores per sample (one shared forward, "
-        "one backward per target; Grad-CAM of every layer computed as gradients arrive); (c) grad-cam 1.5.7's "
+        "capture; (b, K=3) the same call with three targets of the image (`each=True`, or a list of three "
+        "similarity targets): one shared forward, one backward per target, maps `(3, h, w)`; (c) grad-cam 1.5.7's "
         "`GradCAM(model, [layer])` once per layer with its matching target, timed on "
         f"{args.gradcam_layers} evenly spaced layers and extrapolated to every layer of (b) (*). Passes are "
         "counted by hooks on the network (forwards of the network; backward passes through its first "
@@ -322,10 +314,8 @@ def section(ws: list[Workload], args: argparse.Namespace, loads: list[float]) ->
         "(b) explains. Layers timed: " + "; ".join(f"{w.name}: {', '.join(w.gc_layers)}" for w in ws) + ".",
         "",
         "Passes: (a) is one forward and one backward by construction; (b) and (b, K=3) are read off the hooks. "
-        "(b) makes one forward and one backward for a task target as for a class; with K = 3 targets the "
-        "forward is shared and one backward follows per target. `camanim.explain` takes one task target per "
-        "call (K targets of a classifier share one capture through `top_k`), so (b, K=3) calls the capture "
-        "engine directly.",
+        "(b) makes one forward and one backward for a task target as for a class; with K = 3 targets "
+        "`camanim.explain` shares the forward and makes one backward per target, as for `top_k` classes.",
         "",
     ]
     return "\n".join(lines)
