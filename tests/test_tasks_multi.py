@@ -103,6 +103,11 @@ def test_k_multilabel_targets_share_one_forward_and_equal_single_calls(classifie
     with torch.no_grad():
         ranked = net(x)[0].topk(2).indices.tolist()
     assert top.task["labels"] == ranked and top.target_names == tuple(f"sigmoid of {c}" for c in ranked)
+    # the same maps as the top-K classes of the head scored by sigmoid (what FM-G-CAM's multilabel fuses)
+    classes = camanim.explain(net, x, methods="gradcam", layers=layers, top_k=2, score="sigmoid")
+    assert classes.targets == tuple(ranked)
+    for name in names:
+        assert torch.allclose(top.maps["gradcam"][name], classes.maps["gradcam"][name], atol=1e-5)
 
 
 def test_k_multilabel_targets_equal_grad_cam(classifier):

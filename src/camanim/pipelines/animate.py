@@ -719,7 +719,9 @@ def animate(
         methods: method names (``"gradcam,hirescam"``), ``"all"`` or a list; or ``"fmgcam"`` alone:
             FM-G-CAM, the ``top_k`` most probable classes fused into one map per layer, each in its hue
             (every layer from the one K-class capture of ``explain(top_k=K)``; see :mod:`camanim.fused_frames`).
-        target: the class to explain (index or name); default the top-1 class. Not with ``"fmgcam"``.
+        target: the class to explain (index or name); default the top-1 class. Not with ``"fmgcam"``. Or a
+            task target (see :func:`camanim.explain`); with ``K`` targets of the image (``each=True``, a list)
+            the explanation's rows are the targets and ``sample`` picks the one animated.
         layers: layer selection (see :func:`camanim.layers.select_layers`); default every spatial layer.
         norm: normalisations shown side by side: ``"local"``, ``"global"``, ``"global-all"``.
         layout: ``"side-by-side"`` (default), ``"local"``, ``"global"``, ``"grid"``, or several.
