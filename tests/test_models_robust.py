@@ -171,7 +171,8 @@ def test_class_count_from_the_real_input_without_a_224_forward():
     ex = camanim.explain(lm, image=X32, target=5, layers="conv1")
     assert ex.targets == (5,) and ex.probabilities.shape == (1, 6)
     assert lm.num_classes == 6 and len(lm.class_names) == 6
-    assert model.calls == 3  # the cached dry run (at its two input sizes) and the capture; nothing at 224 x 224
+    # the cached dry run (at its two input sizes) and the capture; nothing at 224 x 224
+    assert model.calls == 3
     fixed = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 32 * 32, 4))
     with pytest.raises(ModelOutputError, match=r"cannot tell how many classes .* \(1, 3, 224, 224\)"):
         wrap_model(fixed).class_names  # noqa: B018 (the property runs the probe)
