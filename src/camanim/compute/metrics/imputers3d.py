@@ -15,9 +15,15 @@ are returned unchanged, bit for bit. A mask removing every voxel leaves no bound
 the per-channel mean.
 
 :func:`assemble_system_3d` builds the sparse system (the reference, solved by ``scipy.sparse.linalg.spsolve``
-in the tests); :class:`NoisyLinearImputer3D` solves it without a matrix: conjugate gradients with a Jacobi
-(``s_p``) preconditioner, the operator one 3x3x3 convolution restricted to the mask, batched over masks and
-channels, in float64 (each column to ``||f - A u|| <= tol * ||f||``).
+in the tests). :class:`NoisyLinearImputer3D` solves it without a matrix, as the 2-D
+:class:`~.imputers.NoisyLinearImputer` does: conjugate gradients preconditioned by a geometric multigrid
+V-cycle, batched over masks and channels on dense ``(B, C, D, H, W)`` tensors. The weights are separable
+(``(1/3) [1/2, 1, 1/2]^3`` without its centre), so the fine operator is three 1-D passes; coarse levels are
+Galerkin products ``R A P`` with trilinear ``P`` (27-point stencils, computed by probing with 27 colour
+classes), smoothed by damped Jacobi; the coarsest is solved densely. CG runs in float32 and every (mask,
+channel) column must pass ``||f - A u|| <= tol * ||f||`` on its true residual in float64 (refinement rounds
+make up what float32 cannot); a mask that does not, or a volume too thin for the hierarchy, is solved with
+``spsolve``.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
+from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
-from camanim.compute.metrics.imputers import ImputationError
+from camanim.compute.metrics.imputers import ImputationError, _prolong1d, _restrict1d
 
 __all__ = ["NEIGHBOUR_WEIGHTS_3D", "NoisyLinearImputer3D", "assemble_system_3d", "neighbour_kernel"]
 
@@ -89,17 +95,287 @@ def assemble_system_3d(mask: np.ndarray, image: np.ndarray) -> tuple[sp.csr_matr
     return mat.tocsr(), rhs
 
 
+def _spsolve_one(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Noiseless imputation of one ``(C, D, H, W)`` float64 volume; ``mask`` removes some, not all."""
+    mat, rhs = assemble_system_3d(mask, image)
+    out = image.copy()
+    out[:, mask] = np.asarray(spsolve(mat.tocsc(), rhs)).reshape(rhs.shape).T
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multigrid-preconditioned CG on dense (B, C, D, H, W) stencils.
+# --------------------------------------------------------------------------------------------------------
+
+# Stencil slots k = 9 (dz + 1) + 3 (dy + 1) + (dx + 1); slot 13 is the centre.
+_OFFSETS = tuple(itertools.product((-1, 0, 1), repeat=3))
+_CENTRE = 13
+# Largest coarsest grid solved densely; only thin volumes (a side <= 3 voxels) come near it.
+_MAX_DENSE = 4096
+
+
+def _tent(u: Tensor) -> Tensor:
+    """The separable ``[1, 2, 1]^3`` filter over the last three dims, zero outside."""
+    for dim in (-3, -2, -1):
+        n = u.shape[dim]
+        t = u * 2
+        t.narrow(dim, 1, n - 1).add_(u.narrow(dim, 0, n - 1))
+        t.narrow(dim, 0, n - 1).add_(u.narrow(dim, 1, n - 1))
+        u = t
+    return u
+
+
+def _apply_stencil(c: Tensor, u: Tensor) -> Tensor:
+    """General 27-point stencil: ``out[p] = sum_k c[:, k, p] u[p + offset_k]`` (zero outside).
+
+    Args:
+        c: ``(B, 27, d, h, w)`` coefficients.
+        u: ``(B, C, d, h, w)``.
+    """
+    shape = u.shape[-3:]
+    out = c[:, _CENTRE : _CENTRE + 1] * u
+    for k, off in enumerate(_OFFSETS):
+        if k == _CENTRE:
+            continue
+        dst = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(off, shape, strict=True))
+        src = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(off, shape, strict=True))
+        out[(..., *dst)].addcmul_(c[(slice(None), slice(k, k + 1), *dst)], u[(..., *src)])
+    return out
+
+
+def _coarse_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n // 2 + 1 for n in shape)
+
+
+def _prolong(c: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Trilinear prolongation ``(B, C, d, h, w)`` -> ``(B, C, D, H, W)``, ``d = D // 2 + 1``."""
+    for i, n in enumerate(shape):
+        c = _prolong1d(c, n, 2 + i)
+    return c
+
+
+def _restrict(f: Tensor) -> Tensor:
+    """Full-weighting restriction, the exact transpose of :func:`_prolong`."""
+    for dim in (2, 3, 4):
+        f = _restrict1d(f, dim)
+    return f
+
+
+def _coarsen_more(shape: tuple[int, ...], coarsest_size: int) -> bool:
+    return int(np.prod(shape)) > coarsest_size and min(shape) > 3
+
+
+def _coarsest_points(shape: tuple[int, ...], coarsest_size: int) -> int:
+    while _coarsen_more(shape, coarsest_size):
+        shape = _coarse_shape(shape)
+    return int(np.prod(shape))
+
+
+class _Level:
+    """One grid for a batch of B masks: ``active`` and the damped inverse diagonal ``dinv`` ``(B, 1, ...)``.
+
+    The fine level applies ``a * u - m24 * tent(u)``; coarse levels their ``(B, 27, ...)`` ``stencil``.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        active: Tensor,
+        dinv: Tensor,
+        stencil: Tensor | None = None,
+        a: Tensor | None = None,
+        m24: Tensor | None = None,
+    ) -> None:
+        self.shape, self.active, self.dinv, self.stencil, self.a, self.m24 = (
+            shape,
+            active,
+            dinv,
+            stencil,
+            a,
+            m24,
+        )
+
+    def select(self, i: int) -> _Level:
+        """The level of mask ``i`` alone."""
+
+        def one(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[i : i + 1]
+
+        return _Level(
+            self.shape,
+            self.active[i : i + 1],
+            self.dinv[i : i + 1],
+            *map(one, (self.stencil, self.a, self.m24)),
+        )
+
+    def apply(self, u: Tensor) -> Tensor:
+        """The level operator on ``u`` ``(B, C, ...)``, zero off the unknowns."""
+        if self.stencil is None:
+            assert self.a is not None and self.m24 is not None
+            return torch.addcmul(self.a * u, self.m24, _tent(u), value=-1.0)
+        return _apply_stencil(self.stencil, u)
+
+
+def _fine_level(masks: Tensor, dtype: torch.dtype, omega: float) -> _Level:
+    """The finest level for ``(B, D, H, W)`` masks: ``A u = m ((s + 1/3) u - tent(u) / 24)``."""
+    shape = tuple(masks.shape[-3:])
+    m = masks.to(dtype).unsqueeze(1)
+    s = (_tent(torch.ones(1, 1, *shape, dtype=dtype, device=masks.device)) - 8) / 24  # in-bounds weights
+    return _Level(shape, m, m * (omega / s), a=m * (s + 1.0 / 3.0), m24=m / 24.0)
+
+
+class _Hierarchy:
+    """Multigrid hierarchy for B masks; :meth:`vcycle` is a symmetric positive definite preconditioner."""
+
+    def __init__(
+        self, masks: Tensor, dtype: torch.dtype, omega: float, nu: int, nu_coarse: int, coarsest_size: int
+    ) -> None:
+        self.nu, self.nu_coarse = nu, nu_coarse
+        cur = _fine_level(masks, dtype, omega)
+        self.levels = [cur]
+        while _coarsen_more(cur.shape, coarsest_size):
+            cur = self._coarsen(cur, omega)
+            self.levels.append(cur)
+        self.coarse_inv = self._coarsest_inverse(cur)
+
+    @staticmethod
+    def _coarsen(fine: _Level, omega: float) -> _Level:
+        """Galerkin ``P^T A P`` by probing with 27 colour classes of coarse points (3 apart per axis)."""
+        b, dtype, device = fine.active.shape[0], fine.active.dtype, fine.active.device
+        shape = _coarse_shape(fine.shape)
+        grids = torch.meshgrid(*(torch.arange(n, device=device) for n in shape), indexing="ij")
+        colour = (grids[0] % 3) * 9 + (grids[1] % 3) * 3 + grids[2] % 3
+        probes = (colour == torch.arange(27, device=device).view(27, 1, 1, 1)).to(dtype).unsqueeze(0)
+        prolonged = _prolong(probes, fine.shape)
+        stencil = torch.zeros(b, 27, *shape, dtype=dtype, device=device)
+        for i in range(b):  # one mask at a time: 27 fine volumes each
+            y = _restrict(fine.select(i).apply(prolonged * fine.active[i : i + 1]))
+            for k in range(27):
+                ck = (k // 9, (k // 3) % 3, k % 3)
+                slot = torch.zeros(shape, dtype=torch.long, device=device)
+                for axis in range(3):
+                    d = (ck[axis] - grids[axis]) % 3
+                    slot = slot * 3 + torch.where(d == 2, -1, d) + 1
+                stencil[i].scatter_(0, slot[None], y[0, k : k + 1])
+        d = stencil[:, _CENTRE : _CENTRE + 1]
+        # Gershgorin-safe scaling keeps lambda_max(D^-1 A) <= 2, so damped Jacobi with omega < 1 converges
+        # and the V-cycle stays symmetric positive definite.
+        bound = torch.maximum(d, 0.5 * stencil.abs().sum(1, keepdim=True))
+        dinv = torch.where(d > 0, omega / bound.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(d))
+        return _Level(shape, (d > 0).to(dtype), dinv, stencil=stencil)
+
+    @staticmethod
+    def _coarsest_inverse(lvl: _Level) -> Tensor:
+        """Dense pseudo-inverse ``(B, n, n)`` of the coarsest operator, by eigendecomposition in float64."""
+        b, dtype, device = lvl.active.shape[0], lvl.active.dtype, lvl.active.device
+        n = int(np.prod(lvl.shape))
+        eye = torch.eye(n, dtype=torch.float64, device=device).view(1, n, *lvl.shape)
+        if lvl.stencil is None:
+            assert lvl.a is not None and lvl.m24 is not None
+            act = lvl.active.double()
+            cols = _Level(lvl.shape, act, act, a=lvl.a.double(), m24=lvl.m24.double()).apply(eye * act)
+        else:
+            cols = _apply_stencil(lvl.stencil.double(), eye.expand(b, n, *lvl.shape))
+        a = cols.reshape(b, n, n)
+        a = 0.5 * (a + a.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(a)
+        cut = evals.abs().amax(-1, keepdim=True) * 1e-10
+        inv = torch.where(evals > cut, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
+        return ((evecs * inv.unsqueeze(1)) @ evecs.transpose(1, 2)).to(dtype)
+
+    def vcycle(self, r: Tensor, level: int = 0) -> Tensor:
+        """Approximate ``A^-1 r`` for ``r`` ``(B, C, ...)`` (zero off the unknowns): a Jacobi V-cycle."""
+        lvl = self.levels[level]
+        if level == len(self.levels) - 1:
+            b, c = r.shape[:2]
+            flat = r.reshape(b, c, -1).transpose(1, 2)
+            return (self.coarse_inv @ flat).transpose(1, 2).reshape(r.shape)
+        nu = self.nu if level == 0 else self.nu_coarse
+        e = lvl.dinv * r
+        for _ in range(nu - 1):
+            e += lvl.dinv * (r - lvl.apply(e))
+        ec = self.vcycle(_restrict(r - lvl.apply(e)), level + 1)
+        e += lvl.active * _prolong(ec, lvl.shape)
+        for _ in range(nu):
+            e += lvl.dinv * (r - lvl.apply(e))
+        return e
+
+
+def _norm(t: Tensor) -> Tensor:
+    return t.flatten(2).norm(dim=2)
+
+
+def _pcg(hier: _Hierarchy, f: Tensor, thresh: Tensor, max_iter: int) -> tuple[Tensor, int]:
+    """Preconditioned CG from zero on every (mask, channel) column of ``f``; a column stops at ``thresh``."""
+    fine = hier.levels[0]
+    tiny = torch.finfo(f.dtype).tiny
+    x = torch.zeros_like(f)
+    r = f.clone()
+    active = _norm(r) > thresh
+    it = 0
+    if max_iter < 1 or not bool(active.any()):
+        return x, it
+    z = hier.vcycle(r)
+    p = z.clone()
+    rz = (r * z).flatten(2).sum(2)
+    while it < max_iter:
+        it += 1
+        ap = fine.apply(p)
+        pap = (p * ap).flatten(2).sum(2)
+        alpha = torch.where(active & (pap > 0), rz / pap.clamp_min(tiny), torch.zeros_like(rz))
+        x.addcmul_(alpha[..., None, None, None], p)
+        r.addcmul_(alpha[..., None, None, None], ap, value=-1.0)
+        active &= _norm(r) > thresh
+        if not bool(active.any()):
+            break
+        z = hier.vcycle(r)
+        rz_new = (r * z).flatten(2).sum(2)
+        beta = torch.where(active & (rz > 0), rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+        p = torch.addcmul(z, beta[..., None, None, None], p)
+        rz = rz_new
+    return x, it
+
+
 class NoisyLinearImputer3D:
     """ROAD's noisy linear imputation of volumes (module docstring), batched over volumes and channels.
 
     Args:
         noise: standard deviation of the Gaussian noise added to imputed voxels, in the volume's units.
-        tol: relative residual each (volume, channel) column must reach.
-        max_iter: conjugate-gradient iterations before giving up (:class:`ImputationError`).
+        tol: relative residual each (volume, channel) column must reach, checked in float64.
+        max_iter: CG iterations (all refinement rounds) before a volume is solved with ``spsolve`` instead.
+        batch_size: masks per batched solve (building a coarse level holds 27 fine volumes per mask).
+        dtype: dtype of the CG iterations; ``None`` = float32.
+        smoothing_steps: damped-Jacobi sweeps before and after each coarse correction, finest grid.
+        smoothing_steps_coarse: the same on the coarse grids.
+        omega: Jacobi damping, in (0, 1).
+        coarsest_size: coarsen until a grid has at most this many points, then solve it densely.
+        refinements: extra CG rounds on the float64 residual when a round ends above ``tol``.
     """
 
-    def __init__(self, noise: float = 0.01, tol: float = 1e-8, max_iter: int = 5000) -> None:
+    def __init__(
+        self,
+        noise: float = 0.01,
+        tol: float = 1e-8,
+        max_iter: int = 200,
+        batch_size: int = 4,
+        dtype: torch.dtype | None = None,
+        smoothing_steps: int = 1,
+        smoothing_steps_coarse: int = 2,
+        omega: float = 0.9,
+        coarsest_size: int = 512,
+        refinements: int = 3,
+    ) -> None:
+        if tol <= 0 or min(max_iter, batch_size, smoothing_steps, smoothing_steps_coarse) < 1:
+            raise ImputationError("tol must be > 0; max_iter, batch_size and smoothing steps >= 1")
+        if not 0 < omega < 1:
+            raise ImputationError(f"omega must lie in (0, 1), got {omega}")
         self.noise, self.tol, self.max_iter = float(noise), float(tol), int(max_iter)
+        self.batch_size, self.dtype = int(batch_size), dtype
+        self.smoothing_steps, self.smoothing_steps_coarse = int(smoothing_steps), int(smoothing_steps_coarse)
+        self.omega, self.coarsest_size, self.refinements = float(omega), int(coarsest_size), int(refinements)
+        #: Statistics of the last call: CG iterations per batch, volumes solved with spsolve instead.
+        self.last_iterations: list[int] = []
+        self.last_fallbacks = 0
 
     def __repr__(self) -> str:
         return f"NoisyLinearImputer3D(noise={self.noise})"
@@ -120,46 +396,66 @@ class NoisyLinearImputer3D:
                 f"{list(masks.shape)}"
             )
         m = masks.to(device=images.device, dtype=torch.bool)
-        b, c = images.shape[:2]
-        x = images.to(torch.float64)
-        kernel = neighbour_kernel().to(images.device)
-        rm = m[:, None].expand_as(x).to(torch.float64)  # 1 where removed
-        known = x * (1 - rm)
-
-        def neighbours(u: Tensor) -> Tensor:
-            return F.conv3d(u.reshape(b * c, 1, *u.shape[2:]), kernel, padding=1).reshape(u.shape)
-
-        s = neighbours(torch.ones_like(x)) * rm  # in-bounds weight sums at removed voxels
-        f = neighbours(known) * rm
-
-        def apply(u: Tensor) -> Tensor:
-            return (s * u - neighbours(u)) * rm
-
-        inv = torch.where(rm > 0, 1 / s.clamp_min(1e-12), torch.zeros_like(s))
-        u = f * inv
-        r = f - apply(u)
-        z = r * inv
-        p = z.clone()
-        rz = (r * z).flatten(2).sum(2)
-        fnorm = f.flatten(2).norm(dim=2)
-        for _ in range(self.max_iter):
-            if bool((r.flatten(2).norm(dim=2) <= self.tol * fnorm).all()):
-                break
-            ap = apply(p)
-            pap = (p * ap).flatten(2).sum(2)
-            alpha = torch.where(pap > 0, rz / pap.clamp_min(1e-300), torch.zeros_like(pap))
-            u = u + alpha[..., None, None, None] * p
-            r = r - alpha[..., None, None, None] * ap
-            z = r * inv
-            rz_new = (r * z).flatten(2).sum(2)
-            beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
-            p = z + beta[..., None, None, None] * p
-            rz = rz_new
-        else:
-            raise ImputationError(f"the 3-D imputation did not converge in {self.max_iter} iterations")
-        out = known + u * rm
-        full = m.flatten(1).all(dim=1)  # no boundary data: the per-channel mean
-        if bool(full.any()):
+        x = images.detach().to(torch.float64)
+        out = x.clone()
+        n_removed = m.flatten(1).sum(1)
+        full = n_removed == m[0].numel()
+        if bool(full.any()):  # no boundary data: the per-channel mean
             out[full] = x[full].mean(dim=(2, 3, 4), keepdim=True).expand_as(x[full])
+        todo = torch.nonzero((n_removed > 0) & ~full).flatten()
+        self.last_iterations, self.last_fallbacks = [], 0
+        if todo.numel():
+            # Batches of alike difficulty: sorted by the number of removed voxels.
+            todo = todo[torch.argsort(n_removed[todo], stable=True)]
+            for i in range(0, todo.numel(), self.batch_size):
+                idx = todo[i : i + self.batch_size]
+                out[idx] = self._solve_batch(x[idx], m[idx])
         out = out.to(images.dtype)
         return torch.where(m[:, None], out, images)
+
+    def _solve_batch(self, x: Tensor, masks: Tensor) -> Tensor:
+        """Noiseless imputation of ``x`` ``(B, C, D, H, W)`` float64 under masks removing some voxels."""
+        if _coarsest_points(tuple(masks.shape[-3:]), self.coarsest_size) > _MAX_DENSE:
+            log.info("volume %s too thin for the multigrid hierarchy; using spsolve", tuple(masks.shape[-3:]))
+            self.last_fallbacks += x.shape[0]
+            return self._spsolve(x, masks)
+        dtype = self.dtype or torch.float32
+        hier = _Hierarchy(
+            masks, dtype, self.omega, self.smoothing_steps, self.smoothing_steps_coarse, self.coarsest_size
+        )
+        removed = masks.to(torch.float64).unsqueeze(1)
+        known = x * (1 - removed)
+        f = removed * (_tent(known) - 8 * known) / 24  # weighted sum of the known neighbours
+        thresh = self.tol * _norm(f)
+        fine64 = _fine_level(masks, torch.float64, 1.0)
+        u = torch.zeros_like(f)
+        r = f
+        ok = _norm(r) <= thresh
+        iterations = 0
+        for _ in range(1 + self.refinements):
+            du, it = _pcg(hier, r.to(dtype), thresh.to(dtype), self.max_iter - iterations)
+            iterations += it
+            u += du.to(torch.float64)
+            r = f - fine64.apply(u)
+            ok = _norm(r) <= thresh
+            if bool(ok.all()) or iterations >= self.max_iter:
+                break
+        self.last_iterations.append(iterations)
+        out = known + u
+        bad = torch.nonzero(~ok.all(dim=1)).flatten()
+        if bad.numel():
+            log.warning(
+                "3-D noisy linear imputation: %d of %d masks missed tol=%g in %d iterations; using spsolve",
+                bad.numel(),
+                x.shape[0],
+                self.tol,
+                self.max_iter,
+            )
+            self.last_fallbacks += bad.numel()
+            out[bad] = self._spsolve(x[bad], masks[bad])
+        return out
+
+    @staticmethod
+    def _spsolve(x: Tensor, masks: Tensor) -> Tensor:
+        xs, ms = x.cpu().numpy(), masks.cpu().numpy()
+        return torch.from_numpy(np.stack([_spsolve_one(xs[i], ms[i]) for i in range(len(xs))])).to(x.device)
