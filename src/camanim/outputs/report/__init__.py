@@ -28,6 +28,9 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import camanim.outputs.report.tiles as T
 from camanim.errors import OutputError
@@ -140,7 +143,7 @@ def render(src: Source, *, tile: int | None = None, fmt: str = "webp", quality: 
         css=_markup(css),
         js=_markup(js),
         input_uri=T.data_uri(T.encode(src.display, "jpeg", 90), "jpeg"),
-        image_caption=f"{image_label}, {src.display.shape[1]}x{src.display.shape[0]} as given to the model",
+        image_caption=_image_caption(image_label, src.display, volume),
         target=target,
         task=m.get("task") if isinstance(m.get("task"), Mapping) else None,
         top5=[
@@ -232,3 +235,15 @@ def _list_in_manifest(folder: Path) -> None:
     if REPORT not in files:
         files[REPORT] = "interactive report (camanim report)"
         atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _image_caption(label: str, display: np.ndarray, volume: Mapping[str, Any] | None) -> str:
+    """What the input picture shows: the image as the model saw it, or a volume's (clip's) grid and spacing."""
+    if not volume:
+        return f"{label}, {display.shape[1]}x{display.shape[0]} as given to the model"
+    grid = "x".join(str(g) for g in volume["grid"])
+    if volume.get("video"):
+        return f"{label}, {grid} (frames x height x width) as given to the model; its frames"
+    spacing = " x ".join(f"{s:g}" for s in volume.get("spacing") or ())
+    mm = f" of {spacing} mm" if spacing else ""
+    return f"{label}, {grid} voxels{mm} as given to the model; slices through the centre"
