@@ -230,7 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     g = p.add_argument_group("FM-G-CAM")
     g.add_argument(
-        "--top-k", type=int_at_least(1), default=3, metavar="K", help="number of classes (default 3)"
+        "--top-k",
+        type=int_at_least(1),
+        default=None,
+        metavar="K",
+        help="number of classes (default 3); --task multilabel: the K labels of highest sigmoid score",
+    )
+    g.add_argument(
+        "--target",
+        default=None,
+        help="with --task: the targets fused, comma-separated (multilabel labels, segmentation classes, "
+        "regression outputs); detection: --top-n N or several --box",
     )
     g.add_argument(
         "--base", default="gradcam", help="base method: gradcam (default), hirescam, gradcam++, ..."
@@ -247,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--multilabel", action="store_true", help="rank and differentiate sigmoid scores")
     g.add_argument("--no-panels", dest="panels", action="store_false", help="no per-class base-method panels")
     add_output_options(p)
-    p.set_defaults(func=cmd_fmgcam)
+    add_task_options(p)
+    p.set_defaults(func=cmd_fmgcam, score="logit")
 
     p = sub.add_parser("compare", help="methods x layers grid of overlays from one capture (compare.png)")
     add_model_options(p)

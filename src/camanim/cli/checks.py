@@ -6,7 +6,7 @@ import argparse
 import datetime as _dt
 from pathlib import Path
 
-from camanim.cli.tasks import resolve_task
+from camanim.cli.tasks import check_fusion_task, resolve_task
 from camanim.compute.devices import resolve_device
 from camanim.compute.fusion import check_base
 from camanim.compute.images import load_image
@@ -69,6 +69,8 @@ def check(args: argparse.Namespace) -> None:
             check_report_path(Path(args.out))
     if hasattr(args, "task"):
         args.task_kind = resolve_task(args)
+    if command == "fmgcam":
+        check_fusion_task(args, args.task_kind)
     if command in BUNDLE_COMMANDS:
         args.out = check_output(
             args.out or default_out(args),

@@ -16,7 +16,7 @@ import torch
 from camanim.cli.checks import is_best
 from camanim.cli.layerwise import best_layer_by
 from camanim.cli.options import method_kwargs
-from camanim.cli.tasks import check_scored, each_target, task_target
+from camanim.cli.tasks import check_scored, each_target, fusion_target, task_target
 from camanim.compute.layers import list_layers
 from camanim.compute.methods import parse_methods
 from camanim.compute.metrics.imputers import get_imputer
@@ -210,16 +210,18 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 
 def cmd_fmgcam(args: argparse.Namespace) -> int:
-
+    lm = _load(args)
+    target = fusion_target(args, lm, getattr(args, "task_kind", "classification"))
     res = fmgcam(
-        _load(args),
+        lm,
         args.image,
-        k=args.top_k,
+        k=args.top_k or 3,
         base=args.base,
         activation=args.activation,
         layers=_layer_spec(args.layers),
         multilabel=args.multilabel,
         input_size=args.input_size,
+        target=target,
     )
     _warn_blank(res.explanation)
     path = res.save(
@@ -231,7 +233,7 @@ def cmd_fmgcam(args: argparse.Namespace) -> int:
 
 def _print_fused(res, path: Path) -> None:
     """The classes of an FM-G-CAM result, most probable first, and the bundle's path."""
-    label = "sigmoid" if res.multilabel else "p"
+    label = res.score_label
     where = ", ".join(res.layers) if len(res.layers) <= 3 else f"{len(res.layers)} layers"
     print(f"FM-G-CAM ({res.base}, {res.activation}) at {where}:")
     for rank, (c, name, p) in enumerate(zip(res.classes, res.names, res.probabilities, strict=True), 1):

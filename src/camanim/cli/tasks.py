@@ -21,6 +21,7 @@ from camanim.compute.tasks import (
     RegressionTarget,
     SegmentationTarget,
     SimilarityTarget,
+    StackedTarget,
 )
 from camanim.errors import OptionError
 from camanim.pipelines.animate import Animation
@@ -132,6 +133,60 @@ def check_scored(task: str, metrics: str | None) -> None:
             f"{', '.join(bad)} divide by the target's probability (Y, 1 - Y), which a {task} score is not; "
             "use road, morf, lerf, deletion, insertion or the other confidence metrics"
         )
+
+
+def check_fusion_task(args: argparse.Namespace, task: str) -> None:
+    """Refuse, before any model loads, a ``camanim fmgcam`` task with nothing to fuse: FM-G-CAM fuses the maps
+    of ``K >= 2`` targets (labels, classes, detections, regression outputs), never one score."""
+    if getattr(args, "multilabel", False) and task not in ("classification", "multilabel"):
+        raise OptionError(
+            f"--multilabel ranks a classifier's classes by sigmoid; it does not apply to {task!r}"
+        )
+    if task == "classification":
+        return
+    if task == "embedding":
+        raise OptionError(
+            "fmgcam fuses the maps of several targets; an embedding similarity is one score (the cosine to "
+            "one reference): use explain or animate --task embedding"
+        )
+    count = None if args.target is None else len([t for t in str(args.target).split(",") if t.strip()])
+    if task == "regression" and not all(t.strip().lstrip("-").isdigit() for t in str(args.target).split(",")):
+        raise OptionError(f"--target of a regression takes output indices (0,1,...), got {args.target!r}")
+    if task == "regression" and (count or 0) < 2:
+        raise OptionError(
+            "fmgcam fuses the maps of several targets; one regression output is one score: give several "
+            "outputs (--target 0,1,...) or use explain or animate --task regression"
+        )
+    if task == "segmentation" and (count or 0) < 2:
+        raise OptionError(
+            "fmgcam fuses the maps of several targets: give two or more classes (--target CLASS,CLASS,...)"
+        )
+    if task == "multilabel" and ((count is not None and count < 2) or getattr(args, "top_k", None) == 1):
+        raise OptionError(
+            "fmgcam fuses the maps of several targets: give two or more labels (--target A,B or --top-k K)"
+        )
+    if task == "detection":
+        boxes = len(args.box.split(";")) if args.box else args.top_n
+        if boxes < 2:
+            raise OptionError(
+                "fmgcam fuses the maps of several targets: give --top-n N (N >= 2) or two or more --box"
+            )
+
+
+def fusion_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> Any:
+    """The ``K`` targets ``camanim fmgcam`` fuses for ``task`` (one target per label, class, detection or
+    regression output: one forward pass, one backward pass each); None for classification (the top-K
+    classes)."""
+    if task == "classification":
+        return None
+    names = lm.labels or lm.class_names
+    if task == "multilabel" and args.target is None:
+        return MultiLabelTarget(top_k=getattr(args, "top_k", None) or 3, names=names)
+    if task == "regression":
+        return StackedTarget([RegressionTarget(int(t)) for t in str(args.target).split(",") if t.strip()])
+    args.each = True
+    _, target = task_target(args, lm, task)
+    return target
 
 
 def task_target(args: argparse.Namespace, lm: LoadedModel, task: str) -> tuple[LoadedModel, Any]:

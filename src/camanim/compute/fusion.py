@@ -118,10 +118,13 @@ def fuse(maps: Tensor | np.ndarray, activation: str = "relu", *, norm: str = "st
 def fmgcam_sweep(
     explanation: Any, base: str | None = None, activation: str = "relu", *, norm: str = "stack"
 ) -> dict[str, Tensor]:
-    """FM-G-CAM at every layer of an explanation made with ``top_k`` (its batch axis holds the classes).
+    """FM-G-CAM at every layer of an explanation made with ``top_k`` (its batch axis holds the classes), or
+    with ``K`` task targets of one image (``each=True`` targets, a list of targets: its batch axis holds the
+    targets, in their order; on an exact tie the first keeps the position).
 
     Args:
-        explanation: a :class:`~camanim.explanation.Explanation` from ``explain(..., top_k=K)``.
+        explanation: a :class:`~camanim.explanation.Explanation` from ``explain(..., top_k=K)`` or
+            ``explain(..., target=<K targets>)``.
         base: which of its methods to fuse (default: the first class-discriminative one).
         activation, norm: see :func:`fuse`.
 
@@ -136,8 +139,11 @@ def fmgcam_sweep(
     if base not in ex.maps:
         raise UnknownNameError("method", base, list(ex.maps), "not in this explanation")
     one_image = bool((ex.input == ex.input[:1]).all()) if ex.input.shape[0] > 0 else False
-    if len(set(ex.targets)) != len(ex.targets) or not one_image:
+    tasked = (getattr(ex, "task", None) or {}).get("kind", "classification") != "classification"
+    distinct = len(set(ex.target_names if tasked else ex.targets)) == len(ex.targets)
+    if not distinct or not one_image:
         raise FusionError(
-            "FM-G-CAM needs an explanation made with top_k (one image, one distinct class per batch row)"
+            "FM-G-CAM needs an explanation made with top_k (one image, one distinct class per batch row) or "
+            "with K targets of one image (one distinct target per batch row)"
         )
     return {name: fuse(maps, activation, norm=norm) for name, maps in ex.maps[base].items()}

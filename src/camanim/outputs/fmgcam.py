@@ -26,7 +26,7 @@ from camanim.compute.normalize import normalize
 from camanim.compute.resize import resize_maps
 from camanim.outputs.bundle import open_bundle
 from camanim.outputs.explanation import overlay_path
-from camanim.outputs.render import grid, overlay, save_png
+from camanim.outputs.render import draw_task_marks, grid, overlay, save_png
 from camanim.pipelines.explain import describe
 from camanim.pipelines.fmgcam import FMGCAMResult
 
@@ -158,7 +158,8 @@ def result_colors(result: FMGCAMResult) -> np.ndarray:
 
 
 def class_table(result: FMGCAMResult) -> list[dict[str, Any]]:
-    """One manifest entry per class: rank, class index, name, probability and RGB colour."""
+    """One manifest entry per class (or task target): rank, class index (a target's label or class index, or
+    its position), name, probability (a target's score) and RGB colour."""
     return [
         {"rank": i + 1, "class": c, "name": n, "probability": p, "color": [int(v) for v in col]}
         for i, (c, n, p, col) in enumerate(
@@ -173,18 +174,22 @@ def describe_result(result: FMGCAMResult) -> dict[str, Any]:
         "paper": "Rammuni Silva and Bird, FM-G-CAM, 2024 (Eqs 1-6)",
         "k": len(result.classes),
         "classes": class_table(result),
-        "probability": "sigmoid" if result.multilabel else "softmax",
+        "probability": "sigmoid" if result.multilabel else "target score" if result.is_task else "softmax",
         "base": result.base,
         "activation": result.activation,
         "norm": result.norm,
-    }
+    } | ({"task": dict(result.task)} if result.is_task else {})
 
 
 def legend_strip(result: FMGCAMResult, width: int, *, font_size: int = 12) -> np.ndarray:
     """The legend (swatch, name, probability per class) ``(h, width, 3)`` uint8, ``h`` even."""
-    label = "sigmoid" if result.multilabel else "p"
     strip = legend(
-        result.names, result.probabilities, result_colors(result), width, label=label, font_size=font_size
+        result.names,
+        result.probabilities,
+        result_colors(result),
+        width,
+        label=result.score_label,
+        font_size=font_size,
     )
     return strip if strip.shape[0] % 2 == 0 else np.concatenate([strip, strip[-1:]], axis=0)
 
@@ -195,11 +200,28 @@ def with_legend(result: FMGCAMResult, figure: np.ndarray, *, font_size: int = 12
 
 
 def result_overlay(result: FMGCAMResult, layer: str | None = None, **kwargs: Any) -> np.ndarray:
-    """The fused overlay ``(H, W, 3)`` uint8 at ``layer`` (default the last); see :func:`fused_overlay`."""
+    """The fused overlay ``(H, W, 3)`` uint8 at ``layer`` (default the last); see :func:`fused_overlay`. For
+    task targets, each target's region outline and boxes are drawn in its colour (:func:`task_marks`)."""
     layer = layer or result.layers[-1]
-    return fused_overlay(
-        result.fused[layer], result.explanation.display[0], colors=result_colors(result), **kwargs
-    )
+    colors = result_colors(result)
+    image = fused_overlay(result.fused[layer], result.explanation.display[0], colors=colors, **kwargs)
+    for k in range(len(result.classes)):
+        image = task_marks(result, image, k, color=tuple(int(v) for v in colors[k]))
+    return image
+
+
+def task_marks(
+    result: FMGCAMResult, image: np.ndarray, k: int, color: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
+    """Target ``k``'s region outline and boxes drawn over ``image`` ``(H, W, 3)`` uint8 (as explain's frames
+    draw them: :func:`~camanim.outputs.render.draw_task_marks`); the image itself when it has none."""
+    ex = result.explanation
+    regions, boxes = getattr(ex, "regions", None), getattr(ex, "boxes", None)
+    region = None if regions is None or k >= len(regions) else regions[k].numpy()
+    box = boxes[k] if boxes and k < len(boxes) else None
+    if region is None and not box:
+        return image
+    return draw_task_marks(image, region, box, source_hw=tuple(ex.input.shape[-2:]), color=color)
 
 
 def render_result(
@@ -214,7 +236,7 @@ def render_result(
     if panels:
         up = result.explanation.upsampled(result.base, layer)  # (K, H, W) after ReLU
         for k, name in enumerate(result.names):
-            tiles.append(overlay(display, normalize(up[k].numpy()), "jet"))
+            tiles.append(task_marks(result, overlay(display, normalize(up[k].numpy()), "jet"), k))
             titles.append(f"{result.base}: {name}")
     figure = grid([tiles], col_titles=titles, title=f"{result.explanation.model_name} - layer {layer}")
     return with_legend(result, figure)  # grid's height is even, so the figure's stays even
@@ -249,10 +271,13 @@ def write_fmgcam(result: FMGCAMResult, bundle: Any, *, panels: bool = True) -> N
     bundle.save_npz("maps.npz", arrays, "raw maps (K, h, w): fused and base per class")
     manifest = describe(ex, "sigmoid" if result.multilabel else "logit")
     manifest["input"] = {"file": "input.npy", "shape": [1, *ex.input.shape[1:]], "dtype": "float32"}
+    if getattr(ex, "regions", None) is not None:
+        bundle.save_npy("regions.npy", ex.regions.numpy(), "the region each target's score is taken over")
+        manifest["regions"] = {"file": "regions.npy", "shape": "(K, H, W) bool, at the output's size"}
     manifest["maps"] = {
         "file": "maps.npz",
         "key": "fmgcam/<layer> (fused, after the activation) and <base>/<layer> (raw base map per class)",
-        "shape": "(K, h, w), K classes, most probable first",
+        "shape": "(K, h, w), K classes, most probable first (K task targets: in their order)",
     }
     bundle.manifest.update(manifest)
     save_png(bundle.file("fmgcam.png", "FM-G-CAM figure"), render_result(result, panels=panels))
