@@ -34,10 +34,11 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
-from camanim.compute.metrics.imputers import ImputationError, _prolong1d, _restrict1d
+from camanim.compute.metrics.imputers import ImputationError, _prolong1d, _restrict1d, _single_threaded_pool
 
 __all__ = ["NEIGHBOUR_WEIGHTS_3D", "NoisyLinearImputer3D", "assemble_system_3d", "neighbour_kernel"]
 
@@ -161,6 +162,41 @@ def _restrict(f: Tensor) -> Tensor:
     return f
 
 
+def _hat(d: int) -> float:
+    """The 1-D prolongation weight of a fine point ``d`` fine steps from a coarse point."""
+    return (1.0, 0.5)[abs(d)] if abs(d) <= 1 else 0.0
+
+
+def _galerkin(c: Tensor) -> Tensor:
+    """The coarse stencil ``P^T A P`` ``(B, 27, d, h, w)`` of a fine stencil ``c`` ``(B, 27, D, H, W)``.
+
+    ``P`` is the trilinear prolongation of :func:`_prolong` (coarse point ``I`` at fine ``2 I``, weights 1 and
+    1/2), so ``A_c(I, I + j) = sum_{a, o} phi(a) c_o(2 I + a) phi(a + o - 2 j)`` with separable ``phi``: the
+    sum runs over one axis at a time, ``a`` the fine point's offset from ``2 I``, ``o`` the stencil offset.
+    Fine points beyond the volume carry zero coefficients (padding by 2).
+    """
+    b, shape = c.shape[0], tuple(c.shape[2:])
+    c = F.pad(c, (2, 2, 2, 2, 2, 2)).reshape(b, 3, 3, 3, *(n + 4 for n in shape))
+    for axis, n in enumerate(shape):
+        nc = n // 2 + 1
+        cdim, sdim = 1 + axis, 4 + axis
+        out_shape = list(c.shape)
+        out_shape[sdim] = nc
+        out = c.new_zeros(out_shape)
+        for o in (-1, 0, 1):
+            src = c.select(cdim, o + 1)
+            for a in (-1, 0, 1):
+                idx: list[slice] = [slice(None)] * src.ndim
+                idx[sdim - 1] = slice(a + 2, a + 3 + 2 * (nc - 1), 2)
+                part = src[tuple(idx)]
+                for j in (-1, 0, 1):
+                    wt = _hat(a) * _hat(a + o - 2 * j)
+                    if wt:
+                        out.select(cdim, j + 1).add_(part, alpha=wt)
+        c = out
+    return c.reshape(b, 27, *c.shape[4:])
+
+
 def _coarsen_more(shape: tuple[int, ...], coarsest_size: int) -> bool:
     return int(np.prod(shape)) > coarsest_size and min(shape) > 3
 
@@ -195,18 +231,23 @@ class _Level:
             m24,
         )
 
-    def select(self, i: int) -> _Level:
-        """The level of mask ``i`` alone."""
-
-        def one(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[i : i + 1]
-
-        return _Level(
-            self.shape,
-            self.active[i : i + 1],
-            self.dinv[i : i + 1],
-            *map(one, (self.stencil, self.a, self.m24)),
-        )
+    def coefficients(self) -> Tensor:
+        """The operator as a ``(B, 27, ...)`` stencil: slot ``k`` holds ``A(p, p + offset_k)`` at ``p``."""
+        if self.stencil is not None:
+            return self.stencil
+        assert self.a is not None
+        m = self.active
+        b, (d, h, w) = m.shape[0], self.shape
+        padded = F.pad(m, (1, 1, 1, 1, 1, 1))
+        out = m.new_empty(b, 27, d, h, w)
+        for k, (dz, dy, dx) in enumerate(_OFFSETS):
+            if k == _CENTRE:
+                out[:, k : k + 1] = self.a - m / 3  # m s: the in-bounds weight sum
+                continue
+            wt = (1 / 6) / 2 ** (abs(dz) + abs(dy) + abs(dx) - 1)
+            shifted = padded[:, :, 1 + dz : 1 + dz + d, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+            torch.mul(m, shifted, out=out[:, k : k + 1]).mul_(-wt)
+        return out
 
     def apply(self, u: Tensor) -> Tensor:
         """The level operator on ``u`` ``(B, C, ...)``, zero off the unknowns."""
@@ -240,23 +281,9 @@ class _Hierarchy:
 
     @staticmethod
     def _coarsen(fine: _Level, omega: float) -> _Level:
-        """Galerkin ``P^T A P`` by probing with 27 colour classes of coarse points (3 apart per axis)."""
-        b, dtype, device = fine.active.shape[0], fine.active.dtype, fine.active.device
-        shape = _coarse_shape(fine.shape)
-        grids = torch.meshgrid(*(torch.arange(n, device=device) for n in shape), indexing="ij")
-        colour = (grids[0] % 3) * 9 + (grids[1] % 3) * 3 + grids[2] % 3
-        probes = (colour == torch.arange(27, device=device).view(27, 1, 1, 1)).to(dtype).unsqueeze(0)
-        prolonged = _prolong(probes, fine.shape)
-        stencil = torch.zeros(b, 27, *shape, dtype=dtype, device=device)
-        for i in range(b):  # one mask at a time: 27 fine volumes each
-            y = _restrict(fine.select(i).apply(prolonged * fine.active[i : i + 1]))
-            for k in range(27):
-                ck = (k // 9, (k // 3) % 3, k % 3)
-                slot = torch.zeros(shape, dtype=torch.long, device=device)
-                for axis in range(3):
-                    d = (ck[axis] - grids[axis]) % 3
-                    slot = slot * 3 + torch.where(d == 2, -1, d) + 1
-                stencil[i].scatter_(0, slot[None], y[0, k : k + 1])
+        """The Galerkin level ``P^T A P`` of ``fine``, contracted from its coefficients axis by axis."""
+        stencil = _galerkin(fine.coefficients())
+        dtype, shape = stencil.dtype, tuple(stencil.shape[2:])
         d = stencil[:, _CENTRE : _CENTRE + 1]
         # Gershgorin-safe scaling keeps lambda_max(D^-1 A) <= 2, so damped Jacobi with omega < 1 converges
         # and the V-cycle stays symmetric positive definite.
@@ -350,6 +377,10 @@ class NoisyLinearImputer3D:
         omega: Jacobi damping, in (0, 1).
         coarsest_size: coarsen until a grid has at most this many points, then solve it densely.
         refinements: extra CG rounds on the float64 residual when a round ends above ``tol``.
+        workers: CPU only: batches solved concurrently by a pool of threads that each run torch with one
+            intra-op thread (the 2-D imputer's pool); ``None`` = ``torch.get_num_threads()``; ``0`` = no pool,
+            the calling thread with torch's intra-op threads. The many small ops of a solve stall on OpenMP
+            barriers when other processes share the cores; single-threaded workers do not.
     """
 
     def __init__(
@@ -357,22 +388,26 @@ class NoisyLinearImputer3D:
         noise: float = 0.01,
         tol: float = 1e-8,
         max_iter: int = 200,
-        batch_size: int = 4,
+        batch_size: int = 2,
         dtype: torch.dtype | None = None,
         smoothing_steps: int = 1,
         smoothing_steps_coarse: int = 2,
         omega: float = 0.9,
         coarsest_size: int = 512,
         refinements: int = 3,
+        workers: int | None = None,
     ) -> None:
         if tol <= 0 or min(max_iter, batch_size, smoothing_steps, smoothing_steps_coarse) < 1:
             raise ImputationError("tol must be > 0; max_iter, batch_size and smoothing steps >= 1")
         if not 0 < omega < 1:
             raise ImputationError(f"omega must lie in (0, 1), got {omega}")
+        if workers is not None and workers < 0:
+            raise ImputationError(f"workers must be >= 0 (or None), got {workers}")
         self.noise, self.tol, self.max_iter = float(noise), float(tol), int(max_iter)
         self.batch_size, self.dtype = int(batch_size), dtype
         self.smoothing_steps, self.smoothing_steps_coarse = int(smoothing_steps), int(smoothing_steps_coarse)
         self.omega, self.coarsest_size, self.refinements = float(omega), int(coarsest_size), int(refinements)
+        self.workers = workers
         #: Statistics of the last call: CG iterations per batch, volumes solved with spsolve instead.
         self.last_iterations: list[int] = []
         self.last_fallbacks = 0
@@ -405,20 +440,36 @@ class NoisyLinearImputer3D:
         todo = torch.nonzero((n_removed > 0) & ~full).flatten()
         self.last_iterations, self.last_fallbacks = [], 0
         if todo.numel():
-            # Batches of alike difficulty: sorted by the number of removed voxels.
+            # Batches of alike difficulty: sorted by the number of removed voxels; every worker gets one.
             todo = todo[torch.argsort(n_removed[todo], stable=True)]
-            for i in range(0, todo.numel(), self.batch_size):
-                idx = todo[i : i + self.batch_size]
-                out[idx] = self._solve_batch(x[idx], m[idx])
+            workers = self.workers if self.workers is not None else torch.get_num_threads()
+            workers = min(workers, todo.numel()) if images.device.type == "cpu" else 0
+            size = min(self.batch_size, -(-todo.numel() // max(workers, 1)))
+            chunks = [todo[i : i + size] for i in range(0, todo.numel(), size)]
+
+            def run(idx: Tensor) -> tuple[Tensor, int, int]:
+                return self._solve_batch(x[idx], m[idx])
+
+            if workers > 0:
+                results = list(_single_threaded_pool(workers).map(run, chunks))
+            else:
+                results = [run(idx) for idx in chunks]
+            for idx, (solved, iterations, fallbacks) in zip(chunks, results, strict=True):
+                out[idx] = solved
+                self.last_iterations.append(iterations)
+                self.last_fallbacks += fallbacks
         out = out.to(images.dtype)
         return torch.where(m[:, None], out, images)
 
-    def _solve_batch(self, x: Tensor, masks: Tensor) -> Tensor:
-        """Noiseless imputation of ``x`` ``(B, C, D, H, W)`` float64 under masks removing some voxels."""
+    def _solve_batch(self, x: Tensor, masks: Tensor) -> tuple[Tensor, int, int]:
+        """Noiseless imputation of ``x`` ``(B, C, D, H, W)`` float64 under masks removing some voxels.
+
+        Returns:
+            ``(out, iterations, fallbacks)``: the CG iterations run and the volumes solved with spsolve.
+        """
         if _coarsest_points(tuple(masks.shape[-3:]), self.coarsest_size) > _MAX_DENSE:
             log.info("volume %s too thin for the multigrid hierarchy; using spsolve", tuple(masks.shape[-3:]))
-            self.last_fallbacks += x.shape[0]
-            return self._spsolve(x, masks)
+            return self._spsolve(x, masks), 0, x.shape[0]
         dtype = self.dtype or torch.float32
         hier = _Hierarchy(
             masks, dtype, self.omega, self.smoothing_steps, self.smoothing_steps_coarse, self.coarsest_size
@@ -440,7 +491,6 @@ class NoisyLinearImputer3D:
             ok = _norm(r) <= thresh
             if bool(ok.all()) or iterations >= self.max_iter:
                 break
-        self.last_iterations.append(iterations)
         out = known + u
         bad = torch.nonzero(~ok.all(dim=1)).flatten()
         if bad.numel():
@@ -451,9 +501,8 @@ class NoisyLinearImputer3D:
                 self.tol,
                 self.max_iter,
             )
-            self.last_fallbacks += bad.numel()
             out[bad] = self._spsolve(x[bad], masks[bad])
-        return out
+        return out, iterations, bad.numel()
 
     @staticmethod
     def _spsolve(x: Tensor, masks: Tensor) -> Tensor:
