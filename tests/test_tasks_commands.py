@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 import camanim
@@ -23,6 +24,7 @@ from camanim.compute.tasks import (
 )
 from camanim.errors import CamanimError
 from camanim.pipelines.fmgcam import fmgcam
+from camanim.pipelines.study.units import TaskSpec
 
 from .conftest import SIZE, synthetic_batch
 
@@ -77,6 +79,26 @@ class SegNet(nn.Module):
 def seg_model():
     """A study's model factory: an untrained SegNet (the study seeds it) at 48 x 48 pixels."""
     return wrap_model(SegNet(), preprocessing=Preprocessing(size=(SIZE, SIZE)), class_names=SEG_CLASSES)
+
+
+def head_model():
+    """A study's model factory: a small untrained CNN with 4 outputs (multi-label, regression, embedding)."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    return wrap_model(net, preprocessing=Preprocessing(size=(SIZE, SIZE)))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three small PNGs of shapes."""
+    folder = tmp_path_factory.mktemp("task_images")
+    x, _, _ = synthetic_batch(3, seed=7)
+    for i in range(3):
+        arr = (x[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +229,85 @@ def test_cli_fmgcam_refuses_in_one_line(tmp_path, capsys):
     ]
     for extra in bad:
         assert main(["fmgcam", *TIMM, *extra, "--out", str(tmp_path / "x")]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("camanim: error:"), (extra, err)
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Studies of task targets.
+# ---------------------------------------------------------------------------------------------------------
+
+STUDY_ARGS = ["--layers", "last-2", "--percentages", "20,80", "--threads", "1", "--no-figures"]
+
+
+def test_cli_study_segmentation_scores_each_images_class_region(images, tmp_path, capsys):
+    pytest.importorskip("pyarrow", reason="studies store their results with pyarrow")
+    from camanim.outputs.study.runner import load_study
+
+    out = tmp_path / "study"
+    model = "tests.test_tasks_commands:seg_model"
+    argv = ["--quiet", "study", "--images", str(images), "--models", model, *STUDY_ARGS]
+    seg = ["--task", "segmentation", "--target", "square"]
+    assert main([*argv, *seg, "--out", str(out)]) == 0
+    assert "3 units; 0 already done, 3 run now, 0 failed" in capsys.readouterr().out
+    study = load_study(out)
+    assert study.settings["task"] == TaskSpec("segmentation", "square").__dict__
+    summary = study.summary.to_pylist()
+    assert len(summary) == 3
+    for row in summary:
+        assert row["task"] == "segmentation" and row["target_source"] == "given"
+        assert row["target_name"] == "class 1 over its predicted pixels" and row["target"] is None
+        assert np.isfinite(row["target_score"]) and row["target_score"] == row["target_probability"]
+        assert all(np.isfinite(row[c]) for c in ("mean_layerwise_road", "max_ybroad", "final_layer_road"))
+    roads = study.layers.column("road").to_pylist()
+    assert len(roads) == 6 and all(np.isfinite(roads))
+    assert len({r["target_score"] for r in summary}) == 3  # each image's own region
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"task", "target_score"} <= set(header)
+    # the same settings resume; another target class is refused in one line
+    assert main([*argv, *seg, "--out", str(out)]) == 0
+    assert "3 already done, 0 run now" in capsys.readouterr().out
+    assert main([*argv, "--task", "segmentation", "--target", "ring", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "task" in err[0]
+
+
+def test_study_multilabel_regression_and_embedding_targets_per_image(images, tmp_path):
+    pytest.importorskip("pyarrow", reason="studies store their results with pyarrow")
+    from camanim.outputs.study.runner import load_study, run_study
+
+    common = {"models": "tests.test_tasks_commands:head_model", "layers": "last-2", "percentages": (20, 80)}
+    cases = {
+        "multilabel": ({}, "top1", "sigmoid of "),
+        "regression": ({"target": "2"}, "given", "output 2"),
+        "embedding": ({"reference": str(images / "img0.png")}, "reference", "similarity to img0.png"),
+    }
+    for kind, (extra, source, name) in cases.items():
+        out = tmp_path / kind
+        res = run_study(images, out, task=kind, figures=False, threads=1, **common, **extra)
+        assert res.complete and not res.failed, (kind, res.failed)
+        rows = load_study(out).summary.to_pylist()
+        assert {r["task"] for r in rows} == {kind} and {r["target_source"] for r in rows} == {source}
+        assert all(r["target_name"].startswith(name) for r in rows), kind
+        assert all(np.isfinite(r["target_score"]) and np.isfinite(r["max_ybroad"]) for r in rows), kind
+        if kind == "embedding":  # the reference image is its own nearest embedding
+            best = max(rows, key=lambda r: r["target_score"])
+            assert best["image"] == "img0.png" and best["target_score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_study_refuses_task_settings_in_one_line(images, tmp_path, capsys):
+    pytest.importorskip("pyarrow", reason="studies store their results with pyarrow")
+    argv = ["study", "--images", str(images), "--models", "tests.test_tasks_commands:seg_model", *STUDY_ARGS]
+    bad = [
+        ["--task", "segmentation"],  # no class and no labels
+        ["--task", "detection", "--box", "1,1,9,9"],  # a box of one image
+        ["--task", "segmentation", "--target", "1", "--each"],  # several targets
+        ["--task", "embedding"],  # no reference
+        ["--task", "multilabel", "--region", "1,1,9,9"],  # a region of a segmentation
+    ]
+    for extra in bad:
+        assert main([*argv, *extra, "--out", str(tmp_path / "x")]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("camanim: error:"), (extra, err)
     assert not (tmp_path / "x").exists()

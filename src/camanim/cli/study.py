@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from camanim.cli.options import input_size, int_at_least, non_empty, percentages
+from camanim.cli.tasks import add_task_options
 from camanim.outputs.study.runner import run_study
 
 DESCRIPTION = (
@@ -92,6 +93,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="N|HxW|native",
         help="the models' input size instead of their own; native: each image's own size",
     )
+    g.add_argument(
+        "--target",
+        default=None,
+        help="with --task: the class(es), label(s) or output index of every image (default: each image's "
+        "label column, else the top-1 label or the one output; segmentation needs one or the other)",
+    )
     g = p.add_argument_group("execution")
     g.add_argument("--backend", default="local", choices=["local", "ray"], help="local (default) or ray")
     g.add_argument(
@@ -123,6 +130,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar, only errors"
     )
+    add_task_options(p)
     p.set_defaults(func=cmd_study)
     return p
 
@@ -188,6 +196,13 @@ def cmd_study(args: argparse.Namespace) -> int:
             retries=args.retries,
             figures=args.figures,
             progress=progress,
+            task=getattr(args, "task_kind", "classification"),
+            target=args.target,
+            region=args.region,
+            reference=args.reference,
+            embedding_layer=args.embedding_layer,
+            top_n=args.top_n,
+            iou=args.iou,
         )
     print(
         f"study: {res.units} units; {res.skipped} already done, {res.done} run now, {len(res.failed)} failed "

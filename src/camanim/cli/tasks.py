@@ -75,9 +75,10 @@ def _numbers(text: str, what: str) -> list[float]:
 def resolve_task(args: argparse.Namespace) -> str:
     """The task of a command (``--task``, or from the model's name), checked before any model is loaded."""
     task = getattr(args, "task", "auto")
+    model = str(getattr(args, "model", None) or str(getattr(args, "models", "")).split(",")[0])
     if task == "auto":
-        bare = str(args.model).split(":", 1)[-1]
-        task = torchvision_task(bare) if not str(args.model).startswith("timm:") else "classification"
+        bare = model.split(":", 1)[-1]
+        task = torchvision_task(bare) if not model.startswith("timm:") else "classification"
     given = {
         "--region": args.region,
         "--box": args.box,
@@ -96,6 +97,11 @@ def resolve_task(args: argparse.Namespace) -> str:
         _numbers(args.region, "--region")
     elif task == "segmentation" and args.region and not Path(args.region).is_file():
         raise OptionError(f"--region {args.region!r} is neither a mask image nor x1,y1,x2,y2")
+    if task == "detection" and args.box and getattr(args, "command", None) == "study":
+        raise OptionError(
+            "--box names boxes of one image; a study explains each image's most confident detections: use "
+            "--top-n N"
+        )
     if task == "detection" and args.box:
         for part in args.box.split(";"):
             _numbers(part, "--box")

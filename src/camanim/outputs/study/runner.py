@@ -22,6 +22,7 @@ from camanim.pipelines.study.units import (
     ModelSpec,
     StudyError,
     StudySettings,
+    TaskSpec,
     expand_checkpoints,
     list_images,
     make_units,
@@ -109,6 +110,33 @@ def load_study(root: str | os.PathLike[str]) -> Study:
     return Study(store.root, config, store.read_layers(), store.read_summary(), dict(store.failures()))
 
 
+def _task_spec(
+    kind: str,
+    target: str | None,
+    region: str | None,
+    reference: str | None,
+    layer: str | None,
+    top_n: int,
+    iou: float,
+) -> TaskSpec:
+    """A :class:`TaskSpec` with its files made absolute (workers may run elsewhere)."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or "," in path or not Path(path).exists():
+            return path
+        return str(Path(path).resolve())
+
+    return TaskSpec(
+        kind=kind,
+        target=None if target is None else str(target),
+        region=absolute(region),
+        reference=absolute(reference),
+        embedding_layer=layer,
+        top_n=int(top_n),
+        iou=float(iou),
+    )
+
+
 def run_study(
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Sequence[ImageItem],
     out: str | os.PathLike[str],
@@ -137,6 +165,13 @@ def run_study(
     retries: int = 1,
     figures: bool = True,
     progress: StudyProgressCallback | None = None,
+    task: str | TaskSpec = "classification",
+    target: str | None = None,
+    region: str | None = None,
+    reference: str | None = None,
+    embedding_layer: str | None = None,
+    top_n: int = 1,
+    iou: float = 0.5,
 ) -> StudyResult:
     """Run (or resume) a ybROAD study over images x models x checkpoints x methods into ``out``.
 
@@ -177,6 +212,18 @@ def run_study(
         retries: extra attempts of a failing unit in this run.
         figures: render ``figures/*.png`` and ``study.html`` at the end.
         progress: called as ``progress(done, failed, total)`` after each unit.
+        task: what each image's target is: ``"classification"`` (default), ``"segmentation"``,
+            ``"multilabel"``, ``"regression"``, ``"embedding"`` or ``"detection"``, decided per image as the
+            single-image commands decide it (see :class:`~camanim.pipelines.study.units.TaskSpec`), or a
+            ``TaskSpec``. ROAD scores the target's own score (its region, its detections as decided on the
+            original image). Recorded in ``study.json``: a resumed study must keep it.
+        target: the class(es), label(s) or output index of every image (comma-separated); default each
+            image's label column, else the task's default (the top-1 class or label, the one output).
+        region: segmentation: ``"x1,y1,x2,y2"`` or a mask PNG for every image (default: the predicted pixels).
+        reference: embedding: an image or ``.npy`` vector; ``embedding_layer`` the layer pooled (default
+            the output).
+        top_n, iou: detection: how many of each image's most confident detections, and the least IoU of a
+            match in a perturbed image.
 
     Returns:
         A :class:`StudyResult`.
@@ -188,6 +235,11 @@ def run_study(
 
     t0 = time.perf_counter()
     pyarrow_modules()
+    spec = (
+        task
+        if isinstance(task, TaskSpec)
+        else _task_spec(task, target, region, reference, embedding_layer, top_n, iou)
+    )
     settings = StudySettings(
         layers=parse_layers(layers),
         percentages=check_percentages(percentages),
@@ -198,6 +250,7 @@ def run_study(
         batch_size=int(batch_size),
         keep_nonspatial=bool(keep_nonspatial),
         input_size=None if parse_input_size(input_size) is None else str(input_size),
+        task=spec,
     )
     if isinstance(images, (list, tuple)) and images and all(isinstance(i, ImageItem) for i in images):
         items = list(images)
@@ -207,6 +260,13 @@ def run_study(
     names = list(parse_methods(methods))
     ckpts = expand_checkpoints(checkpoints) if checkpoints else []
     units = make_units(items, specs, names, ckpts)
+    if spec.kind == "segmentation" and spec.target is None:
+        unlabelled = [i.id for i in items if i.label is None]
+        if unlabelled:
+            raise StudyError(
+                f"the segmentation task explains a class: give the target class or label every image "
+                f"({unlabelled[0]!r} has no label)"
+            )
 
     store = StudyStore(Path(out))
     store.create()

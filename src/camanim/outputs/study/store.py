@@ -51,6 +51,7 @@ FROZEN_SETTINGS = (
     "score",
     "keep_nonspatial",
     "input_size",
+    "task",
 )
 KEY_COLUMNS = ("model", "checkpoint_index", "checkpoint", "image", "method")
 
@@ -85,6 +86,8 @@ def _base_fields(pa: Any) -> list[Any]:
         pa.field("top1", pa.int32()),
         pa.field("top1_name", pa.string()),
         pa.field("top1_probability", pa.float64()),
+        pa.field("task", pa.string()),
+        pa.field("target_score", pa.float64()),
     ]
 
 

@@ -32,12 +32,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
+from camanim.compute.capture import frozen_eval
+from camanim.compute.images import load_image
 from camanim.compute.metrics.imputers import get_imputer
 from camanim.compute.models import LoadedModel, load_model, load_state_dict_into, wrap_model
 from camanim.compute.targets import resolve_class
+from camanim.compute.tasks import (
+    BoxScoreTarget,
+    MultiLabelTarget,
+    RegressionTarget,
+    SegmentationTarget,
+    SimilarityTarget,
+)
 from camanim.compute.volumes import is_volume_source
 from camanim.errors import CamanimError
+from camanim.pipelines.explain import prepare_input
 from camanim.pipelines.ybroad import ybroad
 
 log = logging.getLogger(__name__)
@@ -254,6 +266,46 @@ def checkpoint_epoch(path: str, position: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+#: The tasks a study scores (what the target of each image is; see :class:`TaskSpec`).
+STUDY_TASKS = ("classification", "segmentation", "detection", "embedding", "multilabel", "regression")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What each image's target is, decided per image as the single-image commands decide it.
+
+    Attributes:
+        kind: ``"classification"`` (the label column, else the top-1 class), ``"segmentation"`` (the summed
+            logit of ``target`` or the image's label over ``region``, by default the pixels the model
+            predicts as that class in that image), ``"multilabel"`` (the sigmoid of ``target`` or the label,
+            else of the image's top-1 label), ``"regression"`` (output ``target`` or the label, else the one
+            output), ``"embedding"`` (cosine similarity to ``reference``'s embedding by each model) or
+            ``"detection"`` (the ``top_n`` most confident detections of each image, summed).
+        target: the class(es), label(s) or output index for every image, comma-separated; None: each image's
+            label column, else the default above.
+        region: segmentation: ``"x1,y1,x2,y2"`` or a mask PNG at the output's size (the same for every
+            image); None: each image's predicted pixels.
+        reference: embedding: an image or a ``.npy`` vector.
+        embedding_layer: embedding: the layer whose pooled output is the embedding (None: the output).
+        top_n: detection: how many detections.
+        iou: detection: the least IoU of a matching box in a perturbed image.
+    """
+
+    kind: str = "classification"
+    target: str | None = None
+    region: str | None = None
+    reference: str | None = None
+    embedding_layer: str | None = None
+    top_n: int = 1
+    iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in STUDY_TASKS:
+            raise StudyError(f"unknown task {self.kind!r}; a study scores one of {', '.join(STUDY_TASKS)}")
+        if self.kind == "embedding" and not self.reference:
+            raise StudyError("the embedding task scores the similarity to a reference: give a reference")
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """What shapes a study's numbers; the same for every unit (recorded in ``study.json``).
@@ -268,6 +320,7 @@ class StudySettings:
         batch_size: perturbed images per forward.
         keep_nonspatial: include 1x1 layers.
         input_size: the images' input size instead of the model's (``N``, ``"HxW"``, ``"native"``), or None.
+        task: what each image's target is (:class:`TaskSpec`; default a class of a classifier).
     """
 
     layers: Any = "all"
@@ -279,6 +332,7 @@ class StudySettings:
     batch_size: int = 64
     keep_nonspatial: bool = False
     input_size: str | None = None
+    task: TaskSpec = TaskSpec()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (a layer list becomes a list)."""
@@ -405,6 +459,69 @@ def score_columns(percentages: Sequence[float]) -> list[str]:
     return [_pcol("morf", p) for p in percentages] + [_pcol("lerf", p) for p in percentages]
 
 
+def unit_target(unit: Unit, settings: StudySettings, lm: Any) -> tuple[Any, Any, str]:
+    """The model, the target and where the target came from (``"label"``, ``"given"`` or the default's
+    name) of one unit: a class index (or None: the top-1 class) for a classifier, else a fresh task target
+    of :mod:`camanim.compute.tasks` that decides on the unit's image at its first forward (its predicted
+    pixels, its top detections, its top label).
+
+    Raises:
+        StudyError: a segmentation with neither a target nor a label for the image.
+    """
+    spec = settings.task
+    given = spec.target if spec.target is not None else unit.image.label
+    source = "given" if spec.target is not None else "label" if unit.image.label is not None else ""
+    parts = [] if given is None else [t.strip() for t in str(given).split(",") if t.strip()]
+    if spec.kind == "classification":
+        target = None if unit.image.label is None else resolve_class(unit.image.label, lm.class_names)
+        return lm, target, source or "top1"
+    if spec.kind == "segmentation":
+        if not parts:
+            raise StudyError(
+                f"the segmentation task explains a class: give the target class, or a label for {unit.image.id!r}"
+            )
+        classes = [resolve_class(t, lm.class_names) for t in parts]
+        score = "probability" if settings.score == "probability" else "logit"
+        category = classes[0] if len(classes) == 1 else classes
+        return lm, SegmentationTarget(category, _region(spec.region), score=score), source
+    if spec.kind == "multilabel":
+        if not parts:
+            return lm, MultiLabelTarget(top_k=1, names=lm.class_names), "top1"
+        labels = [resolve_class(t, lm.class_names) for t in parts]
+        return lm, MultiLabelTarget(labels, lm.class_names), source
+    if spec.kind == "regression":
+        return lm, RegressionTarget(int(parts[0]) if parts else None), source or "output"
+    if spec.kind == "detection":
+        names = lm.labels or ()
+        return lm, BoxScoreTarget(iou_threshold=spec.iou, top_n=spec.top_n, names=names), "top detections"
+    tapped = lm.with_output(None, "vector", tap=spec.embedding_layer)
+    name = Path(str(spec.reference)).name
+    return (
+        tapped,
+        SimilarityTarget(_reference(spec.reference, tapped, settings.input_size), name),
+        "reference",
+    )
+
+
+def _region(region: str | None) -> Any:
+    """A segmentation region from its text: ``"x1,y1,x2,y2"`` (a box) or a mask PNG; None as it is."""
+    if region is None:
+        return None
+    if "," in region:
+        return [float(v) for v in region.split(",")]
+    return np.asarray(Image.open(region).convert("L")) > 127
+
+
+def _reference(reference: Any, lm: Any, input_size: Any) -> torch.Tensor:
+    """The reference embedding ``(D,)``: a ``.npy`` vector, or the model's embedding of an image."""
+    path = Path(str(reference))
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float().flatten()
+    x, _, _ = prepare_input(load_image(str(reference)), lm, input_size)
+    with frozen_eval(lm.model), torch.no_grad():
+        return lm.model(x.to(lm.device)).flatten(1)[0].float().cpu()
+
+
 def compute_unit(
     unit: Unit, settings: StudySettings, lm: Any, device: Any = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -420,7 +537,7 @@ def compute_unit(
         ``(layer rows, summary row)``.
     """
 
-    target = None if unit.image.label is None else resolve_class(unit.image.label, lm.class_names)
+    lm, target, source = unit_target(unit, settings, lm)
     seed = unit_seed(settings.seed, unit)
     res = ybroad(
         lm,
@@ -440,8 +557,14 @@ def compute_unit(
     )
     ex = res.explanation
     r = res[unit.method]
-    probs = ex.probabilities[0]
-    top1 = int(probs.argmax())
+    kind = res.task.get("kind", "classification")
+    if kind == "classification":
+        probs = ex.probabilities[0]
+        top1: int | None = int(probs.argmax())
+        top1_name = ex.class_names[top1] if top1 < len(ex.class_names) else str(top1)
+        top1_probability: float | None = float(probs[top1])
+    else:  # a task target: its score is the target's own, there is no class ranking
+        top1 = top1_name = top1_probability = None
     base = {
         "unit": unit.uid,
         "image": unit.image.id,
@@ -454,11 +577,13 @@ def compute_unit(
         "label": unit.image.label,
         "target": res.target,
         "target_name": res.target_name,
-        "target_source": "top1" if unit.image.label is None else "label",
+        "target_source": source,
         "target_probability": float(res.clean_probability),
         "top1": top1,
-        "top1_name": ex.class_names[top1] if top1 < len(ex.class_names) else str(top1),
-        "top1_probability": float(probs[top1]),
+        "top1_name": top1_name,
+        "top1_probability": top1_probability,
+        "task": kind,
+        "target_score": float(res.clean_probability),
     }
     rows = []
     for pos, layer in enumerate(r.layers):
