@@ -167,3 +167,45 @@ def test_small_torchvision_models_explain_and_animate(name):
     lm = wrap_model(model, preprocessing=Preprocessing(size=(64, 64)))
     anim = camanim.animate(lm, x, methods="gradcam", layers="all", size=32)
     assert len(anim) > 5 and anim.frame(0).shape[2] == 3
+
+
+class _RowAttention(nn.Module):
+    """Attention among the rows of a feature map: with a 16 x 16 input its probabilities ``(B, 2, 16, 16)``
+    have the input's grid by shape (and grow with it), yet are rows x rows, not a picture. ``classes`` is a
+    softmax over channels (a class-probability map), which is a picture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.classes = nn.Softmax(dim=1)
+        self.attend = nn.Softmax(dim=-1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        p = self.classes(f)
+        rows = f.mean(3).transpose(1, 2).reshape(x.shape[0], -1, 2, 4).transpose(1, 2)  # (B, 2, H, 4)
+        a = self.attend(rows @ rows.transpose(-1, -2))  # (B, 2, H, H)
+        mixed = (a @ rows).transpose(1, 2).reshape(x.shape[0], -1, 8)  # (B, H, 8)
+        return self.head(mixed.mean(1) + p.mean((2, 3)))
+
+
+def test_attention_probabilities_are_never_maps_whatever_their_shape():
+    torch.manual_seed(0)
+    model = _RowAttention().eval()
+    kinds = {la.name: la.kind for la in list_layers(model, torch.randn(1, 3, 16, 16))}
+    assert kinds["attend"] == "nonspatial"  # (1, 2, 16, 16) rows of probabilities
+    assert kinds["classes"] == "spatial" and kinds["conv"] == "spatial"
+    ex = camanim.explain(model, torch.randn(1, 3, 16, 16), methods="gradcam", layers="all")
+    assert "attend" not in [la.name for la in ex.chosen] and "classes" in [la.name for la in ex.chosen]
+
+
+@pytest.mark.parametrize(("name", "size"), [("xcit_nano_12_p8_224", 64), ("edgenext_xx_small", 64)])
+def test_cross_covariance_attention_is_not_a_map(name, size):
+    """XCiT's and EdgeNeXt's attention across channels ``(1, heads, C/h, C/h)`` is a grid of a small input
+    by its sizes; its values (rows summing to one) say it is not."""
+    model = timm.create_model(name, pretrained=False).eval()
+    table = list_layers(model, torch.zeros(1, 3, size, size))
+    attention = [la for la in table if la.name.endswith(("attn_drop", "softmax"))]
+    assert attention and all(la.kind == "nonspatial" for la in attention)
+    assert any(la.kind == "token" for la in table) and any(la.kind == "spatial" for la in table)

@@ -34,7 +34,13 @@ The rule, for every model alike (no per-model exceptions): a pair of axes is a g
 3. and, where the model also takes a second input size in the dry run (``H + 32`` by ``W + 32``), the
    same axes at that size either grow with the input by ``step / s`` (within one) while the channel axis
    stays, or stay exactly the same (adaptive pooling, whose fixed grid still covers the image). A grid
-   that only the second size reveals (Inception's unpadded convolutions, 299 -> 149 -> 147) counts too.
+   that only the second size reveals (Inception's unpadded convolutions, 299 -> 149 -> 147) counts too;
+4. and the values are not rows of probabilities: an output that is non-negative and sums to one along its
+   last axis at every position (:func:`probability_rows`) is an attention table whatever its shape says.
+   Without this, attention whose sizes happen to be a grid of the input passes 1-3: Swin-V2's 16 x 16
+   windows give ``(1, heads, 256, 256)`` at a 256-pixel input whose last stage is a single window, XCiT's
+   cross-covariance attention ``(1, heads, C/h, C/h)`` where ``C/h`` is an integer fraction of a small
+   input. A class-probability map (softmax over channels, axis 1) is still a map.
 
 For a volume ``(D, H, W)`` the same rule holds per grid: ``(h, w)`` is a grid of ``(H, W)`` with one stride
 ``s`` as above and ``d`` a grid of ``D`` with a stride of its own (a video network's temporal stride is not its
@@ -238,7 +244,30 @@ def classify_output(
         ``(kind, map_size, prefix_tokens)``.
     """
     shape = tuple(output.shape) if isinstance(output, Tensor) else ()
-    return classify_shape(shape, type(module).__name__, batch, in_hw, prefix_tokens, other)
+    kind = classify_shape(shape, type(module).__name__, batch, in_hw, prefix_tokens, other)
+    if kind[0] in ("spatial", "channels_last") and probability_rows(output):
+        return "nonspatial", None, 0
+    return kind
+
+
+#: How far from one a row may sum and still count as probabilities (float32 softmax rows of 256 entries sum
+#: to one within ~1e-6; a feature map that sums to one along its width by chance is not this close everywhere).
+PROBABILITY_ATOL = 1e-4
+
+
+def probability_rows(output: object) -> bool:
+    """Whether ``output`` is a floating tensor of at least 3 axes whose last axis holds probability rows:
+    every entry >= 0 and every row summing to one within :data:`PROBABILITY_ATOL` (a softmax's output, e.g.
+    attention probabilities ``(B, heads, N, N)``)."""
+    if not isinstance(output, Tensor) or output.dim() < 3 or not output.is_floating_point():
+        return False
+    if output.shape[-1] < 2 or output.numel() == 0:
+        return False
+    with torch.no_grad():
+        t = output.detach()
+        if float(t.min()) < 0:
+            return False
+        return bool(((t.sum(-1, dtype=torch.float64) - 1).abs() <= PROBABILITY_ATOL).all())
 
 
 def classify_shape(
@@ -372,6 +401,8 @@ class LayerTracker:
         self.prefix = self.prefix if isinstance(self.prefix, int) else None
         self.calls: dict[str, int] = {}
         self.layers: list[Layer] = []
+        # names of the calls whose output was rows of probabilities (attention), never maps
+        self.probabilities: set[str] = set()
         # id(tensor) -> (tensor version, layer name, weak ref) of outputs seen so far.
         self._seen: dict[int, tuple[int, str, weakref.ref]] = {}
         self._params: dict[nn.Module, int] = {}
@@ -391,6 +422,9 @@ class LayerTracker:
         out_shape = tuple(output.shape) if isinstance(output, Tensor) else ()
         if seen_before is not None and seen_before.shape[1:] == out_shape[1:] and out_shape:
             kind, map_size, prefix = seen_before.kind, seen_before.map_size, seen_before.prefix_tokens
+        elif probability_rows(output):  # rule 4: kept through the second size's shape-only reclassification
+            self.probabilities.add(name)
+            kind, map_size, prefix = "nonspatial", None, 0
         else:
             kind, map_size, prefix = classify_output(output, module, self.batch, self.in_hw, self.prefix)
         same_as = None
@@ -552,6 +586,8 @@ def _second_size(model: nn.Module, x: Tensor, modes: dict[nn.Module, bool]) -> d
 
 
 def _reclassified(layer: Layer, tracker: LayerTracker, other: Probe | None) -> Layer:
+    if layer.name in tracker.probabilities:
+        return layer
     kind, map_size, prefix = classify_shape(
         layer.shape, layer.type, tracker.batch, tracker.in_hw, tracker.prefix, other
     )
