@@ -54,6 +54,14 @@ SIZES = (64, 96, 128, 160, 224)
 PARITY = 0.9999
 METHODS = ("gradcam", "hirescam")
 FLOAT32_EPS = 2.0**-23
+#: What a failure means, where it was looked into.
+WHY_FAILED = {
+    "vit_h_14": "632 M parameters at 224x224 (its only size): the explain stage alone is past the limit on 2 "
+    "cores; not a camanim error",
+    "crossvit_tiny_240": "CrossViT rescales its input to its own 240 and 224 pixels inside the model, so at the "
+    "probe size (64) no output is a grid of the input and the kind rule finds no map; at 240 x 240 its two "
+    "patch-embedding convolutions are maps, but its token grids (one per branch, each rescaled) still are not",
+}
 # Module names or types that would hold windows, attention probabilities or heads if they were kept as maps.
 SUSPECT = re.compile(r"attn|attention|softmax|window|partition|qkv|heads|rel_pos|attend", re.I)
 
@@ -612,7 +620,16 @@ def summary(rows: list[dict], expected: int) -> str:
         "",
         f"Kinds: {len(audit['suspects'])} layers named or typed like attention/windows "
         "(`attn|attention|softmax|window|partition|qkv|heads|rel_pos|attend`) were kept as maps; "
-        "see the shape audit below.",
+        "see the shape audit below. By content (rows with the audit: "
+        f"{sum('softmax_like' in r for r in rows)}): "
+        f"{sum(len(r.get('softmax_like') or ()) for r in rows)} layers kept as maps hold rows of probabilities "
+        "(non-negative, summing to one along an axis)"
+        + (
+            ": " + ", ".join(sorted({f"{r['source']}:{r['name']}" for r in rows if r.get("softmax_like")}))
+            if any(r.get("softmax_like") for r in rows)
+            else ""
+        )
+        + ".",
         "",
     ]
     if mism:
@@ -627,6 +644,7 @@ def summary(rows: list[dict], expected: int) -> str:
         lines += ["Failures:", ""]
         lines += [
             f"- {r['source']}:{r['name']} (stage {r.get('stage', '?')}): {r.get('error', '')[:300]}"
+            + (f". {WHY_FAILED[r['name']]}" if r["name"] in WHY_FAILED else "")
             for r in failed
         ]
         lines.append("")
