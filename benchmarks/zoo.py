@@ -56,8 +56,8 @@ METHODS = ("gradcam", "hirescam")
 FLOAT32_EPS = 2.0**-23
 #: What a failure means, where it was looked into.
 WHY_FAILED = {
-    "vit_h_14": "632 M parameters at 224x224 (its only size): the explain stage alone is past the limit on 2 "
-    "cores; not a camanim error",
+    "vit_h_14": "632 M parameters at 224x224 (its only size): building it, the dry run, the capture and the "
+    "reference did not fit in 600 s on 2 shared cores; no error was raised",
     "crossvit_tiny_240": "CrossViT rescales its input to its own 240 and 224 pixels inside the model, so at the "
     "probe size (64) no output is a grid of the input and the kind rule finds no map; at 240 x 240 its two "
     "patch-embedding convolutions are maps, but its token grids (one per branch, each rescaled) still are not",
