@@ -49,7 +49,8 @@ class Fusion:
         activation, norm: Eq 6's activation and L2 norm (see :func:`camanim.methods.fused.fuse`).
         classes: the manifest's class table, most probable first (rank, class, name, probability, colour).
         colors: ``(K, 3)`` uint8 class colours, as the manifest records them.
-        score: ``"softmax"`` or ``"sigmoid"``: what the probabilities are.
+        score: ``"softmax"``, ``"sigmoid"`` or ``"target score"`` (a task target's own score): what the
+            classes' numbers are.
         normalisation: how the frames are scaled (the manifest's text; a result bundle records none, and
             its frames are scaled by :data:`~camanim.fused_frames.NORMALISATION`).
         layers: a result bundle's layers, in forward order (the viewer's frames); empty for an animation,
@@ -120,7 +121,9 @@ def _fusion(entry: Mapping[str, Any], normalisation: str, layers: tuple[str, ...
         norm=str(entry.get("norm") or "stack"),
         classes=tuple(classes),
         colors=table,
-        score="sigmoid" if entry.get("probability") == "sigmoid" else "softmax",
+        score=entry.get("probability")
+        if entry.get("probability") in ("sigmoid", "target score")
+        else "softmax",
         normalisation=normalisation,
         layers=layers,
     )
@@ -130,7 +133,7 @@ def legend(fusion: Fusion) -> list[dict[str, Any]]:
     """One row per class for the page (the template escapes the texts): rank, class, name, score label and
     value (None when not a finite number), colour as ``#rrggbb``."""
 
-    label = "sigmoid" if fusion.score == "sigmoid" else "p"
+    label = {"sigmoid": "sigmoid", "target score": "score"}.get(fusion.score, "p")
     return [
         {
             "rank": i + 1,
