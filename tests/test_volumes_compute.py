@@ -35,6 +35,8 @@ from camanim.compute.resize import resize_maps, upsample_by_size
 from camanim.compute.volume_maps import volume_display
 from camanim.errors import OptionError, WeightsError
 
+from .volume_models import Small3DCNN, trained_blob_cnn
+
 gradcam_pkg = pytest.importorskip("pytorch_grad_cam", reason="the grad-cam package is not installed")
 pytest.importorskip("cv2", reason="grad-cam needs OpenCV (cv2)")
 
@@ -53,29 +55,6 @@ GRADIENT_METHODS = {
 EIGEN_INPUTS = {"eigencam": lambda a, g: a, "eigengradcam": lambda a, g: g * a}
 EIGEN_MAX_POSITIONS = 2048
 MIN_PEARSON = 0.999
-
-
-class Small3DCNN(nn.Module):
-    """Three 3-D conv blocks, global average pooling and a linear head; no in-place operation."""
-
-    def __init__(self, classes: int = 2) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv3d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool3d(2),
-            nn.Conv3d(8, 16, 3, padding=1),
-            nn.BatchNorm3d(16),
-            nn.ReLU(),
-            nn.MaxPool3d(2),
-            nn.Conv3d(16, 16, 3, padding=1),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -311,28 +290,8 @@ def test_numpy_volume_input() -> None:
 BLOB = (slice(3, 8), slice(14, 20), slice(4, 10))  # (z, y, x) voxels of class 1's blob in a 12x24x24 volume
 
 
-def _volumes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 12, 24, 24, generator=gen) * 0.5
-    y = torch.arange(n) % 2
-    x[y == 1, 0, BLOB[0], BLOB[1], BLOB[2]] += 1.5
-    return x, y
-
-
 def test_trained_3d_cnn_looks_at_the_blob() -> None:
-    torch.manual_seed(0)
-    model = Small3DCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = _volumes(32, 0)
-    model.train()
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    xt, yt = _volumes(16, 1)
-    with torch.no_grad():
-        accuracy = (model(xt).argmax(1) == yt).float().mean().item()
+    model, xt, _, accuracy = trained_blob_cnn((12, 24, 24), BLOB, steps=30, n_test=16)
     assert accuracy >= 0.9, f"the 3-D CNN did not learn the blob (accuracy {accuracy:.2f})"
     ex = camanim.explain(model, xt[1::2][:4], methods="gradcam", layers=2, target=1)
     assert len(ex.chosen) == 2

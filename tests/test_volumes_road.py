@@ -26,30 +26,9 @@ from camanim.compute.metrics.imputers import NoisyLinearImputer, SpsolveImputer
 from camanim.compute.metrics.imputers3d import NoisyLinearImputer3D, assemble_system_3d
 from camanim.compute.metrics.road import ROAD, RoadError, road_scores
 
+from .volume_models import Small3DCNN, trained_blob_cnn
+
 PERCENTAGES = (20.0, 40.0, 60.0, 80.0)
-
-
-class Small3DCNN(nn.Module):
-    """Three 3-D conv blocks, global average pooling and a linear head (as in ``test_volumes_compute``)."""
-
-    def __init__(self, classes: int = 2) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv3d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool3d(2),
-            nn.Conv3d(8, 16, 3, padding=1),
-            nn.BatchNorm3d(16),
-            nn.ReLU(),
-            nn.MaxPool3d(2),
-            nn.Conv3d(16, 16, 3, padding=1),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
 
 
 # ------------------------------------------------------------------------------ against a hand computation
@@ -157,28 +136,8 @@ def test_other_metrics_and_the_3d_blur() -> None:
 BLOB = (slice(2, 6), slice(10, 15), slice(3, 8))  # (z, y, x) voxels of class 1's blob in a 8x16x16 volume
 
 
-def _volumes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 16, 16, generator=gen) * 0.5
-    y = torch.arange(n) % 2
-    x[y == 1, 0, BLOB[0], BLOB[1], BLOB[2]] += 1.5
-    return x, y
-
-
 def test_trained_3d_cnn_gradcam_beats_a_random_map() -> None:
-    torch.manual_seed(0)
-    model = Small3DCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = _volumes(32, 0)
-    model.train()
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    xt, yt = _volumes(12, 1)
-    with torch.no_grad():
-        accuracy = (model(xt).argmax(1) == yt).float().mean().item()
+    model, xt, yt, accuracy = trained_blob_cnn((8, 16, 16), BLOB, steps=40, n_test=12)
     assert accuracy >= 0.9, f"the 3-D CNN did not learn the blob (accuracy {accuracy:.2f})"
     samples = xt[yt == 1][:5]
     ex = camanim.explain(model, samples, methods="gradcam", layers="last", target=1)
