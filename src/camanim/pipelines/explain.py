@@ -292,9 +292,8 @@ def prepare_volume(
     ``image_info["volume"]`` records the spacing (mm, ``(z, y, x)``; None when unknown) and the grid.
     """
     prep = lm.preprocessing
-    named = (
-        prep.depth is not None
-    )  # a volume or video model by name: its channels and normalisation are known
+    # a volume or video model by name: its channels and normalisation are known
+    named = prep.depth is not None
     if isinstance(image, volumes.LoadedVolume):
         video = named and image.is_video and len(prep.mean) == 3
         x = volumes.volume_tensor(
