@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--keep-nonspatial", action="store_true", help="ask for 1x1 layers too (skipped by default)"
     )
+    add_method_options(p)
     add_volume_options(p)
     add_output_options(p)
     p.add_argument(

@@ -183,6 +183,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         reuse=out if resume else None,
         style=_volume_style(args),
         **fmgcam,
+        **method_kwargs(args),
     )
     _warn_blank(anim.explanation)
     _record_volume(anim.explanation, args.image)

@@ -202,6 +202,12 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         help="each map is the first principal component of the method's weighted activations",
     )
     g.add_argument(
+        "--aug-smooth",
+        action="store_true",
+        help="each map is the mean over grad-cam's six test-time augmentations (flips and scales), one "
+        "batched capture",
+    )
+    g.add_argument(
         "--option",
         dest="method_options",
         type=key_value,
@@ -214,7 +220,8 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def method_kwargs(args: argparse.Namespace) -> dict:
-    """``seed``, ``eigen_smooth`` and ``options`` for :func:`camanim.explain` from :func:`add_method_options`."""
+    """``seed``, ``eigen_smooth``, ``aug_smooth`` and ``options`` for :func:`camanim.explain` (and
+    :func:`camanim.animate`) from :func:`add_method_options`."""
     options = dict(getattr(args, "method_options", None) or [])
     for key in ("samples", "noise"):
         if getattr(args, key, None) is not None:
@@ -222,6 +229,7 @@ def method_kwargs(args: argparse.Namespace) -> dict:
     return {
         "seed": getattr(args, "seed", 0),
         "eigen_smooth": getattr(args, "eigen_smooth", False),
+        "aug_smooth": getattr(args, "aug_smooth", False),
         "options": options,
     }
 

@@ -662,8 +662,10 @@ def animation_request(
     keep_nonspatial: bool,
     fused: FusedOptions | None,
     input_size: InputSize = None,
+    method_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What an animation asks of the model (recorded in the bundle and compared when a run resumes)."""
+    """What an animation asks of the model (recorded in the bundle and compared when a run resumes);
+    ``method_options`` (seed, smoothing, per-method options) only when they differ from the defaults."""
     request = {
         "model": lm.name,
         "weights": lm.weights,
@@ -683,7 +685,14 @@ def animation_request(
         request["input_size"] = str(input_size)
     if fused is not None:
         request |= fused.request()
+    chosen = {k: v for k, v in (method_options or {}).items() if v != METHOD_DEFAULTS.get(k)}
+    if chosen:
+        request["method_options"] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in chosen.items()}
     return request
+
+
+#: :func:`animate`'s method options and their defaults (those of :func:`camanim.explain`).
+METHOD_DEFAULTS: dict[str, Any] = {"seed": 0, "eigen_smooth": False, "aug_smooth": False, "options": {}}
 
 
 def animate(
@@ -710,6 +719,10 @@ def animate(
     top_k: int | None = None,
     base: str | None = None,
     activation: str | None = None,
+    seed: int = 0,
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Animation:
     """Explain every chosen layer with every method in one capture, and prepare its CAManim animation.
 
@@ -742,6 +755,8 @@ def animate(
             model is then not run.
         top_k, base, activation: FM-G-CAM only: number of classes (default 3), base method (default
             ``"gradcam"``) and Eq 6's activation (``"relu"``, the default, ``"elu"`` or ``"gelu"``).
+        seed, eigen_smooth, aug_smooth, options: the methods' options, as :func:`camanim.explain` takes
+            them (noise seed, grad-cam's two smoothings, per-method options such as ``samples``).
 
     Returns:
         An :class:`Animation`; call :meth:`Animation.save` to write the bundle.
@@ -752,16 +767,18 @@ def animate(
     fused = fused_options(methods, top_k=top_k, base=base, activation=activation, target=target)
     check_animation_options(norm=norm, layout=layout, cmap=cmap, size=size, fps=fps)  # before the model runs
     lm = as_loaded(model, device)
+    method_options = {"seed": seed, "eigen_smooth": eigen_smooth, "aug_smooth": aug_smooth}
+    method_options["options"] = dict(options or {})
     request = animation_request(
         lm, methods=methods, layers=layers, target=target, score=score, keep_nonspatial=keep_nonspatial,
-        fused=fused, input_size=input_size,
+        fused=fused, input_size=input_size, method_options=method_options,
     )  # fmt: skip
     ex = explanation
     if ex is None:
         ex = explain(
             lm, image, methods=methods if fused is None else fused.base, layers=layers, target=target,
             top_k=None if fused is None else fused.k, score=score, keep_nonspatial=keep_nonspatial,
-            device=device, input_size=input_size,
+            device=device, input_size=input_size, **method_options,
         )  # fmt: skip
     return Animation.from_explanation(
         ex,

@@ -122,6 +122,8 @@ class Explanation:
         regions: the region a segmentation score is taken over, ``(B, h, w)`` bool at the output's
             resolution (one per row); None for other tasks.
         boxes: per row, the detections explained, ``(x1, y1, x2, y2, label)`` in input pixels; or None.
+        method_options: the methods' options as asked (``seed``, ``eigen_smooth``, ``aug_smooth``, ``options``),
+            recorded so a run can be repeated; empty for an explanation read back from an older bundle.
         extras: what a method computes beside its maps, by method (e.g. Deep Feature Factorization's concepts
             per layer, FullGrad's input term and single full map): see each method's ``extras``.
         passed_over: layers a sweep or ``"last"`` would have ended with but left out, with the reason: the
@@ -152,6 +154,7 @@ class Explanation:
     regions: Tensor | None = field(default=None, repr=False)
     boxes: list | None = field(default=None, repr=False)
     extras: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    method_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str) -> Layer:
         """The chosen layer called ``name``."""
@@ -697,6 +700,12 @@ def explain(
         boxes=boxes,
         passed_over=tuple(passed_over),
         extras=extras,
+        method_options={
+            "seed": seed,
+            "eigen_smooth": eigen_smooth,
+            "aug_smooth": False,
+            "options": {k: v for k, v in (options or {}).items()},
+        },
     )
 
 
@@ -747,6 +756,7 @@ def _aug_smoothed(
             **{k: v for k, v in info.items() if k != "preprocessing"},
             "aug_smooth": list(AUGMENTATIONS),
         },
+        method_options={**ex.method_options, "aug_smooth": True},
         logits=None if ex.logits is None else ex.logits[rows],
         preprocessing=Preprocessing(**_tuples(info.get("preprocessing", lm.preprocessing.to_dict()))),
     )
@@ -925,6 +935,7 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         "chosen_layers": [layer.name for layer in ex.chosen],
         "passed_over": [{"index": la.index, "name": la.name, "reason": r} for la, r in ex.passed_over],
         "methods": [method_info(n) for n in ex.methods],
+        "method_options": _plain(ex.method_options),
         "maps": {
             "file": "maps.npz",
             "key": "<method>/<layer name>",
@@ -933,3 +944,14 @@ def describe(ex: Explanation, score: str = "logit") -> dict:
         "flags": {m: {k: list(v) for k, v in f.items() if v} for m, f in ex.flags.items()},
         "timings": dict(ex.timings),
     }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON's types (mappings, sequences, numbers, strings); anything else as its ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

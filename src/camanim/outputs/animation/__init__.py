@@ -32,6 +32,7 @@ from camanim.outputs.bundle import Bundle, open_bundle
 from camanim.outputs.report.notebook import animation_html
 from camanim.outputs.video import FORMATS, open_writer
 from camanim.pipelines.animate import (
+    METHOD_DEFAULTS,
     NORMS,
     Animation,
     animation_request,
@@ -94,6 +95,7 @@ def animate(
         keep_nonspatial=kwargs.get("keep_nonspatial", False),
         fused=fused,
         input_size=kwargs.get("input_size"),
+        method_options={k: kwargs.get(k, v) for k, v in METHOD_DEFAULTS.items()},
     )
     x, _, _ = prepare_input(image, lm, kwargs.get("input_size"))
     if fused is not None:  # a top-K explanation holds one row per class, each the same image
