@@ -594,6 +594,13 @@ def _reclassified(layer: Layer, tracker: LayerTracker, other: Probe | None) -> L
     return dataclasses.replace(layer, kind=kind, map_size=map_size, prefix_tokens=prefix)
 
 
+def final_spatial_position(layers: Sequence[Layer]) -> int:
+    """Position in ``layers`` of the last spatial one (the usual single-layer choice); the last position when
+    none is spatial."""
+    spatial = [i for i, layer in enumerate(layers) if layer.is_spatial]
+    return spatial[-1] if spatial else len(layers) - 1
+
+
 def default_layers(
     layers: Iterable[Layer], *, keep_nonspatial: bool = False, keep_duplicates: bool = False
 ) -> list[Layer]:

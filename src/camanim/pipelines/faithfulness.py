@@ -37,7 +37,7 @@ import torch
 from scipy import stats as sps
 
 from camanim.compute.capture import frozen_eval
-from camanim.compute.layers import Layer, LayerSpec
+from camanim.compute.layers import Layer, LayerSpec, final_spatial_position
 from camanim.compute.metrics import confidence as conf
 from camanim.compute.metrics import deletion as dele
 from camanim.compute.metrics import road as rd
@@ -113,8 +113,7 @@ class LayerSeries:
     @property
     def final_position(self) -> int:
         """Position of the final spatial layer among the scored layers."""
-        spatial = [i for i, layer in enumerate(self.layers) if layer.is_spatial]
-        return spatial[-1] if spatial else len(self.layers) - 1
+        return final_spatial_position(self.layers)
 
     @property
     def final_layer(self) -> Layer:

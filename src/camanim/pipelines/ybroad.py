@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from camanim.compute.capture import frozen_eval
-from camanim.compute.layers import Layer, LayerSpec
+from camanim.compute.layers import Layer, LayerSpec, final_spatial_position
 from camanim.compute.metrics.road import (
     DEFAULT_PERCENTAGES,
     DEFINITION,
@@ -152,8 +152,7 @@ class YbRoad:
     @property
     def final_position(self) -> int:
         """Position of the final spatial layer among the scored layers (the usual single-layer choice)."""
-        spatial = [i for i, layer in enumerate(self.layers) if layer.is_spatial]
-        return spatial[-1] if spatial else len(self.layers) - 1
+        return final_spatial_position(self.layers)
 
     @property
     def final_layer(self) -> Layer:
